@@ -1,0 +1,421 @@
+"""Typed run configuration: dataclasses filled from YAML with dotted overrides.
+
+A config file is a YAML mapping whose top-level keys are the sections below
+(``model``, ``data``, ``optimizer``, ``train``, ``mesh``). A file may name a
+``base:`` file (relative to itself) whose values it extends; mappings are
+merged key by key, anything else is replaced. Command-line overrides are
+``dotted.key=value`` with the value parsed as YAML (``optimizer.lr=1e-3``,
+``train.resume=false``, ``data.source=/path/to/texts``).
+
+Every problem (an unknown key, a value of the wrong type, an impossible
+combination) raises :class:`ConfigError` naming the key, the value and what
+is allowed, before anything is built or compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import types
+import typing
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+  """A configuration value that cannot be used; the message names the key."""
+
+
+# --------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class FFNConfig:
+  """What fills the FFN slot of every block (``model.ffn.kind``)."""
+
+  kind: Literal["dense"] = "dense"
+  # Inner width of the SwiGLU FFN; 0 means round(8/3 * d_model) up to 64.
+  inner_dim: int = 0
+
+
+@dataclasses.dataclass
+class ModelConfig:
+  # 0: taken from the tokenizer when the run is built (BPE size + specials).
+  vocab_size: int = 0
+  d_model: int = 128
+  n_layers: int = 4
+  n_heads: int = 4
+  # Key/value heads for grouped-query attention; 0 means n_heads (plain MHA).
+  n_kv_heads: int = 0
+  # Width of one attention head; 0 means d_model // n_heads.
+  head_dim: int = 0
+  ffn: FFNConfig = dataclasses.field(default_factory=FFNConfig)
+  tie_embeddings: bool = True
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  # Activations and matmuls run in `dtype`; parameters are kept in `param_dtype`.
+  dtype: Literal["float32", "bfloat16"] = "float32"
+  param_dtype: Literal["float32", "bfloat16"] = "float32"
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv_heads or self.n_heads
+
+  @property
+  def attn_head_dim(self) -> int:
+    return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def ffn_inner_dim(self) -> int:
+    if self.ffn.inner_dim:
+      return self.ffn.inner_dim
+    return -(-(8 * self.d_model // 3) // 64) * 64
+
+
+@dataclasses.dataclass
+class DataConfig:
+  # A corpus name (wiki, sotu, brown, pydoc) or a path to user text: a plain
+  # text file (one document), a JSON-lines file or a directory of them.
+  source: str = "wiki"
+  # Where fetched corpora are cached; "" means $ULTRAMEM_DATA_DIR or
+  # ~/.cache/ultramem_jax (never inside the repository).
+  data_dir: str = ""
+  text_field: str = "text"
+  tokenizer: Literal["bpe", "bytes"] = "bpe"
+  # Target size of the BPE vocabulary (special tokens included).
+  bpe_vocab_size: int = 4096
+  seq_len: int = 128
+  # Global batch size in sequences (split over the data-parallel devices).
+  batch_size: int = 32
+  val_fraction: float = 0.05
+  # Seeds the train/validation split by document and the packing order.
+  split_seed: int = 0
+  # Keep only the first N documents of the source (after a seeded shuffle);
+  # 0 keeps all. Handy for quick experiments.
+  max_documents: int = 0
+
+
+@dataclasses.dataclass
+class ParamGroupConfig:
+  """Learning-rate treatment of one parameter label (see training/optimizer)."""
+
+  lr_multiplier: float = 1.0
+  # Multiplier decays linearly to 1x over this many steps; 0 keeps it constant.
+  multiplier_decay_steps: int = 0
+  weight_decay: bool = True
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+  lr: float = 3e-3
+  warmup_steps: int = 30
+  # Cosine decay ends at lr * min_lr_ratio at train.steps.
+  min_lr_ratio: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  grad_clip: float = 1.0
+  # Per-label settings; labels are assigned by training.optimizer.param_labels.
+  param_groups: dict[str, ParamGroupConfig] = dataclasses.field(
+      default_factory=lambda: {
+          "default": ParamGroupConfig(),
+          "no_decay": ParamGroupConfig(weight_decay=False),
+      })
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  steps: int = 300
+  run_dir: str = "runs/default"
+  seed: int = 0
+  # null: resume when run_dir holds a checkpoint; true: must resume;
+  # false: start fresh (refused if run_dir already holds checkpoints).
+  resume: Optional[bool] = None
+  log_every: int = 10
+  eval_every: int = 100
+  # Validation batches per evaluation; 0 evaluates the whole validation split.
+  eval_batches: int = 0
+  checkpoint_every: int = 100
+  max_to_keep: int = 3
+  progress_bar: bool = True
+
+
+@dataclasses.dataclass
+class MeshConfig:
+  """Device mesh; one size per axis, -1 means "all remaining devices"."""
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  expert: int = 1
+  memory: int = 1
+
+  @property
+  def axis_names(self) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(self))
+
+
+@dataclasses.dataclass
+class Config:
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  optimizer: OptimizerConfig = dataclasses.field(
+      default_factory=OptimizerConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+
+# --------------------------------------------------------------------------
+# Building typed values from plain data
+# --------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+  origin = typing.get_origin(tp)
+  if origin is Literal:
+    return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+  if origin in (typing.Union, types.UnionType):
+    return " or ".join(_type_name(a) for a in typing.get_args(tp))
+  if origin is dict:
+    k, v = typing.get_args(tp)
+    return f"a mapping of {_type_name(k)} to {_type_name(v)}"
+  if dataclasses.is_dataclass(tp):
+    return f"a mapping with keys {', '.join(f.name for f in dataclasses.fields(tp))}"
+  if tp is type(None):
+    return "null"
+  return {int: "an integer", float: "a number", bool: "true or false",
+          str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _build(tp: Any, value: Any, key: str) -> Any:
+  """Converts plain YAML data `value` to type `tp`, or raises ConfigError."""
+  origin = typing.get_origin(tp)
+  bad = ConfigError(
+      f"{key}: got {value!r} ({type(value).__name__}); expected {_type_name(tp)}")
+  if dataclasses.is_dataclass(tp):
+    if not isinstance(value, dict):
+      raise bad
+    return _build_dataclass(tp, value, key)
+  if origin is Literal:
+    if value not in typing.get_args(tp):
+      raise bad
+    return value
+  if origin in (typing.Union, types.UnionType):
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+      return None
+    for arg in args:
+      if arg is type(None):
+        continue
+      try:
+        return _build(arg, value, key)
+      except ConfigError:
+        pass
+    raise bad
+  if origin is dict:
+    ktp, vtp = typing.get_args(tp)
+    if not isinstance(value, dict):
+      raise bad
+    return {_build(ktp, k, f"{key}.{k}"): _build(vtp, v, f"{key}.{k}")
+            for k, v in value.items()}
+  if tp is bool:
+    if not isinstance(value, bool):
+      raise bad
+    return value
+  if tp is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise bad
+    return value
+  if tp is float:
+    # YAML 1.1 reads `1e-3` (no dot) as a string; accept such numbers.
+    if isinstance(value, str):
+      try:
+        return float(value)
+      except ValueError:
+        raise bad from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise bad
+    return float(value)
+  if tp is str:
+    if not isinstance(value, str):
+      raise bad
+    return value
+  raise TypeError(f"unsupported config type {tp!r} at {key}")
+
+
+def _build_dataclass(cls: type, values: dict, prefix: str) -> Any:
+  hints = typing.get_type_hints(cls)
+  names = [f.name for f in dataclasses.fields(cls)]
+  kwargs = {}
+  for k, v in values.items():
+    key = f"{prefix}.{k}" if prefix else str(k)
+    if k not in hints:
+      raise ConfigError(
+          f"{key}: unknown key (value {v!r}); allowed keys here are: "
+          f"{', '.join(names)}")
+    kwargs[k] = _build(hints[k], v, key)
+  return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+  """The config as plain data (what is written next to a run)."""
+  return dataclasses.asdict(cfg)
+
+
+def _merge(base: dict, update: dict) -> dict:
+  out = dict(base)
+  for k, v in update.items():
+    if isinstance(v, dict) and isinstance(out.get(k), dict):
+      out[k] = _merge(out[k], v)
+    else:
+      out[k] = v
+  return out
+
+
+def _read_yaml(path: pathlib.Path, seen: tuple[pathlib.Path, ...] = ()) -> dict:
+  """Reads a config file, following its `base:` chain."""
+  path = path.resolve()
+  if path in seen:
+    raise ConfigError(f"base: {path} is included in a cycle")
+  if not path.is_file():
+    raise ConfigError(f"config file {str(path)!r} does not exist")
+  try:
+    data = yaml.safe_load(path.read_text()) or {}
+  except yaml.YAMLError as e:
+    raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+  if not isinstance(data, dict):
+    raise ConfigError(f"config file {str(path)!r}: expected a mapping at top level")
+  base = data.pop("base", None)
+  if base is None:
+    return data
+  if not isinstance(base, str):
+    raise ConfigError(f"base: got {base!r} in {path}; expected a file path")
+  return _merge(_read_yaml(path.parent / base, seen + (path,)), data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+  if "=" not in text:
+    raise ConfigError(
+        f"override {text!r}: expected dotted.key=value, e.g. optimizer.lr=1e-3")
+  key, raw = text.split("=", 1)
+  parts = key.strip().split(".")
+  if not all(parts):
+    raise ConfigError(f"override {text!r}: empty key component")
+  try:
+    value = yaml.safe_load(raw) if raw.strip() else ""
+  except yaml.YAMLError:
+    value = raw
+  return parts, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+  data = _merge({}, data)
+  for text in overrides:
+    parts, value = parse_override(text)
+    node = data
+    for p in parts[:-1]:
+      child = node.get(p)
+      if not isinstance(child, dict):
+        child = {}
+        node[p] = child
+      node = child
+    node[parts[-1]] = value
+  return data
+
+
+def from_dict(data: dict) -> Config:
+  """Builds and validates a Config from plain data."""
+  cfg = _build_dataclass(Config, data, "")
+  validate(cfg)
+  return cfg
+
+
+def load_config(path: str | os.PathLike | None,
+                overrides: list[str] | tuple[str, ...] = ()) -> Config:
+  """Reads `path` (following `base:`), applies overrides, validates."""
+  data = _read_yaml(pathlib.Path(path)) if path else {}
+  return from_dict(apply_overrides(data, list(overrides)))
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+  path = pathlib.Path(path)
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+  os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------
+# Validation of combinations
+# --------------------------------------------------------------------------
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+  if not ok:
+    raise ConfigError(f"{key}: got {value!r}; {allowed}")
+
+
+def validate(cfg: Config) -> None:
+  m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.train
+  for key, value in [("model.d_model", m.d_model), ("model.n_layers", m.n_layers),
+                     ("model.n_heads", m.n_heads), ("data.seq_len", d.seq_len),
+                     ("data.batch_size", d.batch_size), ("train.steps", t.steps),
+                     ("train.log_every", t.log_every),
+                     ("train.eval_every", t.eval_every),
+                     ("train.checkpoint_every", t.checkpoint_every),
+                     ("train.max_to_keep", t.max_to_keep)]:
+    _require(value > 0, key, value, "must be a positive integer")
+  for key, value in [("model.vocab_size", m.vocab_size),
+                     ("model.n_kv_heads", m.n_kv_heads),
+                     ("model.head_dim", m.head_dim),
+                     ("model.ffn.inner_dim", m.ffn.inner_dim),
+                     ("optimizer.warmup_steps", o.warmup_steps),
+                     ("train.eval_batches", t.eval_batches),
+                     ("data.max_documents", d.max_documents)]:
+    _require(value >= 0, key, value, "must be >= 0 (0 means derived)")
+  if not m.head_dim:
+    _require(m.d_model % m.n_heads == 0, "model.n_heads", m.n_heads,
+             f"must divide model.d_model={m.d_model} (or set model.head_dim)")
+  _require(m.n_heads % m.kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
+           f"must divide model.n_heads={m.n_heads}")
+  _require(m.attn_head_dim % 2 == 0, "model.head_dim", m.attn_head_dim,
+           "rotary positions need an even head width")
+  _require(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
+  _require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be > 0")
+  if d.tokenizer == "bpe":
+    _require(d.bpe_vocab_size >= 260, "data.bpe_vocab_size", d.bpe_vocab_size,
+             "must be at least 260 (256 byte symbols plus merges)")
+  _require(0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction,
+           "must lie strictly between 0 and 1")
+  _require(o.lr > 0, "optimizer.lr", o.lr, "must be > 0")
+  _require(0.0 <= o.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio",
+           o.min_lr_ratio, "must lie in [0, 1]")
+  _require(0.0 <= o.b1 < 1.0, "optimizer.b1", o.b1, "must lie in [0, 1)")
+  _require(0.0 <= o.b2 < 1.0, "optimizer.b2", o.b2, "must lie in [0, 1)")
+  _require(o.eps > 0, "optimizer.eps", o.eps, "must be > 0")
+  _require(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay,
+           "must be >= 0")
+  _require(o.grad_clip >= 0, "optimizer.grad_clip", o.grad_clip,
+           "must be >= 0 (0 disables clipping)")
+  _require(o.warmup_steps < t.steps, "optimizer.warmup_steps", o.warmup_steps,
+           f"must be smaller than train.steps={t.steps}")
+  _require("default" in o.param_groups, "optimizer.param_groups",
+           sorted(o.param_groups), "must define a 'default' group")
+  for name, g in o.param_groups.items():
+    _require(g.lr_multiplier > 0, f"optimizer.param_groups.{name}.lr_multiplier",
+             g.lr_multiplier, "must be > 0")
+    _require(g.multiplier_decay_steps >= 0,
+             f"optimizer.param_groups.{name}.multiplier_decay_steps",
+             g.multiplier_decay_steps, "must be >= 0")
+  _require(bool(t.run_dir), "train.run_dir", t.run_dir, "must be a directory path")
+  sizes = {name: getattr(cfg.mesh, name) for name in cfg.mesh.axis_names}
+  for name, size in sizes.items():
+    _require(size == -1 or size >= 1, f"mesh.{name}", size,
+             "must be a positive device count or -1 (all remaining devices)")
+  auto = [name for name, size in sizes.items() if size == -1]
+  _require(len(auto) <= 1, f"mesh.{auto[-1] if auto else ''}", -1,
+           f"only one mesh axis may be -1, got {auto}")

@@ -1,0 +1,53 @@
+"""Building blocks shared by every layer: initialisers, RMSNorm, dtypes."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ultramem_jax.config import ModelConfig
+
+
+def dtype_of(name: str) -> jnp.dtype:
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def linear_std(cfg: ModelConfig) -> float:
+  """Std of every linear layer (spec, Initialisation): sqrt(2 / (5 d))."""
+  return math.sqrt(2.0 / (5.0 * cfg.d_model))
+
+
+def output_std(cfg: ModelConfig) -> float:
+  """Std of output projections: linear_std / sqrt(2 L)."""
+  return linear_std(cfg) / math.sqrt(2.0 * cfg.n_layers)
+
+
+def param(rngs: nnx.Rngs, init, shape: tuple[int, ...],
+          names: tuple[str | None, ...], dtype) -> nnx.Param:
+  """A parameter created already carrying its logical axis names."""
+  if len(names) != len(shape):
+    raise ValueError(f"logical names {names} do not match shape {shape}")
+  return nnx.Param(nnx.with_partitioning(init, names)(rngs.params(), shape, dtype))
+
+
+def normal_param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...],
+                 names: tuple[str | None, ...], dtype) -> nnx.Param:
+  return param(rngs, nnx.initializers.normal(std), shape, names, dtype)
+
+
+class RMSNorm(nnx.Module):
+  """y = x / rms(x) * scale, computed in float32."""
+
+  def __init__(self, dim: int, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.eps = cfg.norm_eps
+    self.dtype = dtype_of(cfg.dtype)
+    self.scale = param(rngs, nnx.initializers.ones, (dim,), ("norm",),
+                       dtype_of(cfg.param_dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    inv = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (x32 * inv * self.scale[...].astype(jnp.float32)).astype(self.dtype)

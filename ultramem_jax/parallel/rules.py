@@ -1,0 +1,47 @@
+"""The one table mapping logical axis names to mesh axes.
+
+Every parameter is created with logical names (``nnx.with_partitioning``);
+activations are constrained with the same names. Only this table says which
+mesh axis, if any, shards each of them, in the style of MaxText's
+``logical_axis_rules``.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import PartitionSpec
+
+# (logical name, mesh axis or tuple of mesh axes or None)
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # activations
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_vocab", "tensor"),
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+)
+
+RULES = dict(LOGICAL_AXIS_RULES)
+
+
+def logical_to_mesh(names: tuple[str | None, ...]) -> PartitionSpec:
+  """PartitionSpec for an array whose axes carry these logical names."""
+  unknown = [n for n in names if n is not None and n not in RULES]
+  if unknown:
+    raise KeyError(f"logical axis names {unknown} have no rule in "
+                   "ultramem_jax.parallel.rules.LOGICAL_AXIS_RULES")
+  return PartitionSpec(*(RULES[n] if n is not None else None for n in names))
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+  """Sharding constraint by logical names; a no-op outside a mesh context."""
+  if jax.sharding.get_abstract_mesh().empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_mesh(names))

@@ -1,0 +1,1 @@
+"""Train state, steps, checkpoints, metrics and the training loop."""

@@ -1,0 +1,288 @@
+"""The training loop: checks, data, model, steps, evaluation, checkpoints.
+
+Everything that can be wrong with the inputs (config, mesh, run directory,
+data) is checked before the model is built or anything is compiled, and
+before anything in the run directory is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import sys
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+import yaml
+from flax import nnx
+
+from ultramem_jax.config import Config, ConfigError, save_config, to_dict
+from ultramem_jax.data.pipeline import TextData, eval_batches, prepare_data, train_dataset
+from ultramem_jax.data.tokenizer import FILENAME as TOKENIZER_FILE
+from ultramem_jax.data.tokenizer import load_tokenizer
+from ultramem_jax.model import build_model
+from ultramem_jax.parallel.mesh import batch_sharding, make_mesh, mesh_shape, use_mesh
+from ultramem_jax.training.checkpoint import Checkpointer, abstract_like
+from ultramem_jax.training.metrics import Progress, ScalarWriter
+from ultramem_jax.training.optimizer import lr_schedule, make_optimizer
+from ultramem_jax.training.step import make_eval_step, make_train_step
+
+CONFIG_FILE = "config.yaml"
+SUMMARY_FILE = "summary.json"
+# Sections of the config that a resumed run must share with the saved one.
+_FIXED_SECTIONS = ("model", "data")
+
+
+@dataclasses.dataclass
+class RunPaths:
+  root: pathlib.Path
+
+  @property
+  def checkpoints(self) -> pathlib.Path:
+    return self.root / "checkpoints"
+
+  @property
+  def tensorboard(self) -> pathlib.Path:
+    return self.root / "tensorboard"
+
+  @property
+  def config(self) -> pathlib.Path:
+    return self.root / CONFIG_FILE
+
+  @property
+  def tokenizer(self) -> pathlib.Path:
+    return self.root / TOKENIZER_FILE
+
+
+@dataclasses.dataclass
+class TrainResult:
+  run_dir: pathlib.Path
+  final_step: int
+  losses: dict[int, float]          # training loss of every step run here
+  val_loss: float
+  val_unigram_entropy: float
+  tokens_per_sec: float
+  wall_time_sec: float
+
+
+def _first_difference(saved: dict, new: dict, prefix: str = "") -> str | None:
+  for key in sorted(set(saved) | set(new)):
+    a, b = saved.get(key), new.get(key)
+    name = f"{prefix}.{key}" if prefix else key
+    if isinstance(a, dict) and isinstance(b, dict):
+      diff = _first_difference(a, b, name)
+      if diff:
+        return diff
+    elif a != b:
+      return f"{name}: the run has {a!r}, this config {b!r}"
+  return None
+
+
+def latest_checkpoint_step(run_dir: pathlib.Path) -> int | None:
+  """Latest complete checkpoint step in a run directory, without creating it."""
+  ckpt = RunPaths(run_dir).checkpoints
+  if not ckpt.is_dir():
+    return None
+  steps = [int(p.name) for p in ckpt.iterdir() if p.name.isdigit() and p.is_dir()
+           and (p / "_CHECKPOINT_METADATA").exists()]
+  return max(steps) if steps else None
+
+
+def check_run_dir(cfg: Config) -> int | None:
+  """Decides whether this run resumes; returns the step to resume from."""
+  paths = RunPaths(pathlib.Path(cfg.train.run_dir))
+  if paths.root.exists() and not paths.root.is_dir():
+    raise ConfigError(f"train.run_dir: {str(paths.root)!r} exists and is not a directory")
+  latest = latest_checkpoint_step(paths.root)
+  if cfg.train.resume is False and latest is not None:
+    raise ConfigError(
+        f"train.resume: false, but train.run_dir={str(paths.root)!r} already "
+        f"holds checkpoints (latest step {latest}); choose another "
+        "train.run_dir or set train.resume=true")
+  if cfg.train.resume is True and latest is None:
+    raise ConfigError(
+        f"train.resume: true, but train.run_dir={str(paths.root)!r} holds no "
+        "checkpoint to resume from")
+  if latest is not None and paths.config.exists():
+    saved = yaml.safe_load(paths.config.read_text()) or {}
+    new = to_dict(cfg)
+    for section in _FIXED_SECTIONS:
+      saved_section = dict(saved.get(section, {}))
+      new_section = dict(new[section])
+      if section == "model" and not new_section["vocab_size"]:
+        new_section["vocab_size"] = saved_section.get("vocab_size", 0)
+      diff = _first_difference(saved_section, new_section, section)
+      if diff:
+        raise ConfigError(
+            f"{diff}; train.run_dir={str(paths.root)!r} was trained with a "
+            "different config; use another train.run_dir")
+  return latest
+
+
+def _resolve_vocab(cfg: Config, vocab_size: int) -> Config:
+  if cfg.model.vocab_size == 0:
+    model = dataclasses.replace(cfg.model, vocab_size=vocab_size)
+    return dataclasses.replace(cfg, model=model)
+  if cfg.model.vocab_size < vocab_size:
+    raise ConfigError(
+        f"model.vocab_size: got {cfg.model.vocab_size}; the tokenizer has "
+        f"{vocab_size} entries (use 0 to take the tokenizer's size)")
+  return cfg
+
+
+def _check_batch(cfg: Config, mesh_sizes: dict[str, int]) -> None:
+  shards = mesh_sizes["data"] * mesh_sizes["fsdp"]
+  if cfg.data.batch_size % shards:
+    raise ConfigError(
+        f"data.batch_size: got {cfg.data.batch_size}; must be divisible by "
+        f"mesh.data * mesh.fsdp = {shards}")
+
+
+def evaluate(eval_step: Callable, state, data: TextData, cfg: Config,
+             sharding) -> float:
+  """Mean validation loss (nats/token) over the validation rows."""
+  total, count = 0.0, 0.0
+  for batch in eval_batches(data.val_rows, cfg.data.batch_size,
+                            cfg.train.eval_batches):
+    s, c = eval_step(state, _shard(batch, sharding))
+    total += float(s)
+    count += float(c)
+  return total / count
+
+
+def _shard(batch: dict, sharding) -> dict:
+  return {k: jax.make_array_from_process_local_data(sharding, v)
+          for k, v in batch.items()}
+
+
+def train(cfg: Config, *, stop_at_step: int | None = None,
+          log: Callable[[str], None] | None = None) -> TrainResult:
+  """Trains `cfg` to `cfg.train.steps` (or stops after `stop_at_step`,
+  saving a checkpoint there), resuming from `cfg.train.run_dir` if asked."""
+  t_start = time.perf_counter()
+  say = log or (lambda s: print(s, file=sys.stdout, flush=True))
+  paths = RunPaths(pathlib.Path(cfg.train.run_dir))
+  is_main = jax.process_index() == 0
+
+  # --- checks that need nothing built ---
+  sizes = dict(zip(cfg.mesh.axis_names, mesh_shape(cfg.mesh, jax.device_count())))
+  _check_batch(cfg, sizes)
+  resume_step = check_run_dir(cfg)
+  tokenizer = None
+  if resume_step is not None and paths.tokenizer.exists():
+    tokenizer = load_tokenizer(paths.tokenizer)
+  data = prepare_data(cfg.data, tokenizer=tokenizer, log=say)
+  cfg = _resolve_vocab(cfg, data.tokenizer.vocab_size)
+
+  # --- from here on the run directory is written ---
+  paths.root.mkdir(parents=True, exist_ok=True)
+  if is_main:
+    save_config(cfg, paths.config)
+    if tokenizer is None:
+      data.tokenizer.save(paths.tokenizer)
+  mesh = make_mesh(cfg.mesh)
+  say(f"mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} "
+      f"device(s), {jax.process_count()} process(es)")
+
+  with use_mesh(mesh):
+    model = build_model(cfg.model, cfg.train.seed)
+    optimizer = make_optimizer(model, cfg.optimizer, cfg.train.steps)
+    graphdef, state = nnx.split((model, optimizer))
+    del model, optimizer
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(state[0], nnx.Param)))
+    say(f"model: {n_params:,} parameters; data: {data.stats}")
+
+    data_iter = iter(train_dataset(data.train_rows, cfg.data.batch_size,
+                                   seed=cfg.train.seed,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count()))
+    checkpointer = Checkpointer(paths.checkpoints, cfg.train.max_to_keep)
+    step = 0
+    if resume_step is not None:
+      state, _ = checkpointer.restore(resume_step, abstract_like(state), data_iter)
+      step = resume_step
+      say(f"resumed from {paths.checkpoints / str(step)}")
+
+    sharding = batch_sharding(mesh)
+    schedule = lr_schedule(cfg.optimizer, cfg.train.steps)
+    eval_step = make_eval_step(graphdef)
+    t0 = time.perf_counter()
+    first = _shard(next(data_iter), sharding)
+    train_step = make_train_step(graphdef).lower(state, first).compile()
+    say(f"compiled the train step in {time.perf_counter() - t0:.1f}s")
+
+    writer = ScalarWriter(paths.tensorboard, enabled=is_main)
+    progress = Progress(cfg.train.steps, step, cfg.train.progress_bar)
+    say = progress.write if cfg.train.progress_bar else say
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    losses: dict[int, float] = {}
+    pending: list[tuple[int, dict]] = []
+    rates: list[float] = []
+    last_saved = step
+    t_interval, steps_in_interval = time.perf_counter(), 0
+    batch = first
+    end = cfg.train.steps if stop_at_step is None else min(stop_at_step, cfg.train.steps)
+
+    while step < end:
+      if batch is None:
+        batch = _shard(next(data_iter), sharding)
+      state, metrics = train_step(state, batch)
+      batch = None
+      step += 1
+      steps_in_interval += 1
+      pending.append((step, metrics))
+      if step % cfg.train.log_every == 0 or step == end:
+        fetched = jax.device_get(pending)
+        pending = []
+        elapsed = time.perf_counter() - t_interval
+        rate = tokens_per_step * steps_in_interval / max(elapsed, 1e-9)
+        rates.append(rate)
+        for s, m in fetched:
+          losses[s] = float(m["loss"])
+          writer.write(s, {"train/loss": float(m["loss"]),
+                           "train/grad_norm": float(m["grad_norm"]),
+                           "train/lr": float(schedule(s - 1))})
+        writer.write(step, {"train/tokens_per_sec": rate})
+        progress.update(steps_in_interval, loss=losses[step], tok_s=f"{rate:,.0f}")
+        t_interval, steps_in_interval = time.perf_counter(), 0
+      if step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+        val = evaluate(eval_step, state, data, cfg, sharding)
+        writer.write(step, {"val/loss": val, "val/perplexity": math.exp(val)})
+        say(f"step {step}: validation loss {val:.4f}")
+        t_interval = time.perf_counter()
+      if step % cfg.train.checkpoint_every == 0 or step == end:
+        checkpointer.save(step, state, data_iter,
+                          {"config": to_dict(cfg), "step": step,
+                           "loss": losses.get(step)})
+        last_saved = step
+    del last_saved
+    progress.close()
+    say = log or (lambda s: print(s, file=sys.stdout, flush=True))
+
+    val = evaluate(eval_step, state, data, cfg, sharding)
+    writer.write(step, {"val/loss": val, "val/perplexity": math.exp(val)})
+    writer.close()
+    checkpointer.wait()
+    checkpointer.close()
+
+  result = TrainResult(
+      run_dir=paths.root, final_step=step, losses=losses, val_loss=val,
+      val_unigram_entropy=data.val_unigram_entropy,
+      tokens_per_sec=float(np.median(rates[1:] or rates)) if rates else 0.0,
+      wall_time_sec=time.perf_counter() - t_start)
+  if is_main:
+    summary = {"step": step, "val_loss": val, "val_perplexity": math.exp(val),
+               "val_unigram_entropy": result.val_unigram_entropy,
+               "tokens_per_sec": result.tokens_per_sec,
+               "wall_time_sec": result.wall_time_sec, "data": data.stats}
+    (paths.root / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+  say(f"step {step}: validation loss {val:.4f} nats/token (perplexity "
+      f"{math.exp(val):.1f}); unigram entropy of the validation text "
+      f"{result.val_unigram_entropy:.4f} nats/token")
+  say(f"checkpoints: {paths.checkpoints}")
+  say(f"tensorboard: tensorboard --logdir {paths.tensorboard}")
+  return result
