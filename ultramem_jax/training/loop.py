@@ -18,17 +18,17 @@ from typing import Callable
 import jax
 import numpy as np
 import yaml
-from flax import nnx
 
 from ultramem_jax.config import Config, ConfigError, save_config, to_dict
-from ultramem_jax.data.pipeline import TextData, eval_batches, prepare_data, train_dataset
+from ultramem_jax.data.pipeline import prepare_data, train_dataset
 from ultramem_jax.data.tokenizer import FILENAME as TOKENIZER_FILE
 from ultramem_jax.data.tokenizer import load_tokenizer
-from ultramem_jax.model import build_model
 from ultramem_jax.parallel.mesh import batch_sharding, make_mesh, mesh_shape, use_mesh
 from ultramem_jax.training.checkpoint import Checkpointer, abstract_like
 from ultramem_jax.training.metrics import Progress, ScalarWriter
-from ultramem_jax.training.optimizer import lr_schedule, make_optimizer
+from ultramem_jax.training.evaluate import evaluate, shard_batch
+from ultramem_jax.training.optimizer import lr_schedule
+from ultramem_jax.training.state import create_state, param_count
 from ultramem_jax.training.step import make_eval_step, make_train_step
 
 CONFIG_FILE = "config.yaml"
@@ -142,23 +142,6 @@ def _check_batch(cfg: Config, mesh_sizes: dict[str, int]) -> None:
         f"mesh.data * mesh.fsdp = {shards}")
 
 
-def evaluate(eval_step: Callable, state, data: TextData, cfg: Config,
-             sharding) -> float:
-  """Mean validation loss (nats/token) over the validation rows."""
-  total, count = 0.0, 0.0
-  for batch in eval_batches(data.val_rows, cfg.data.batch_size,
-                            cfg.train.eval_batches):
-    s, c = eval_step(state, _shard(batch, sharding))
-    total += float(s)
-    count += float(c)
-  return total / count
-
-
-def _shard(batch: dict, sharding) -> dict:
-  return {k: jax.make_array_from_process_local_data(sharding, v)
-          for k, v in batch.items()}
-
-
 def train(cfg: Config, *, stop_at_step: int | None = None,
           log: Callable[[str], None] | None = None) -> TrainResult:
   """Trains `cfg` to `cfg.train.steps` (or stops after `stop_at_step`,
@@ -189,12 +172,8 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
       f"device(s), {jax.process_count()} process(es)")
 
   with use_mesh(mesh):
-    model = build_model(cfg.model, cfg.train.seed)
-    optimizer = make_optimizer(model, cfg.optimizer, cfg.train.steps)
-    graphdef, state = nnx.split((model, optimizer))
-    del model, optimizer
-    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(state[0], nnx.Param)))
-    say(f"model: {n_params:,} parameters; data: {data.stats}")
+    graphdef, state = create_state(cfg)
+    say(f"model: {param_count(state):,} parameters; data: {data.stats}")
 
     data_iter = iter(train_dataset(data.train_rows, cfg.data.batch_size,
                                    seed=cfg.train.seed,
@@ -211,7 +190,7 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
     schedule = lr_schedule(cfg.optimizer, cfg.train.steps)
     eval_step = make_eval_step(graphdef)
     t0 = time.perf_counter()
-    first = _shard(next(data_iter), sharding)
+    first = shard_batch(next(data_iter), sharding)
     train_step = make_train_step(graphdef).lower(state, first).compile()
     say(f"compiled the train step in {time.perf_counter() - t0:.1f}s")
 
@@ -222,14 +201,13 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
     losses: dict[int, float] = {}
     pending: list[tuple[int, dict]] = []
     rates: list[float] = []
-    last_saved = step
     t_interval, steps_in_interval = time.perf_counter(), 0
     batch = first
     end = cfg.train.steps if stop_at_step is None else min(stop_at_step, cfg.train.steps)
 
     while step < end:
       if batch is None:
-        batch = _shard(next(data_iter), sharding)
+        batch = shard_batch(next(data_iter), sharding)
       state, metrics = train_step(state, batch)
       batch = None
       step += 1
@@ -250,7 +228,8 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
         progress.update(steps_in_interval, loss=losses[step], tok_s=f"{rate:,.0f}")
         t_interval, steps_in_interval = time.perf_counter(), 0
       if step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-        val = evaluate(eval_step, state, data, cfg, sharding)
+        val, _ = evaluate(eval_step, state, data.val_rows,
+                          cfg.data.batch_size, sharding, cfg.train.eval_batches)
         writer.write(step, {"val/loss": val, "val/perplexity": math.exp(val)})
         say(f"step {step}: validation loss {val:.4f}")
         t_interval = time.perf_counter()
@@ -258,12 +237,11 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
         checkpointer.save(step, state, data_iter,
                           {"config": to_dict(cfg), "step": step,
                            "loss": losses.get(step)})
-        last_saved = step
-    del last_saved
     progress.close()
     say = log or (lambda s: print(s, file=sys.stdout, flush=True))
 
-    val = evaluate(eval_step, state, data, cfg, sharding)
+    val, _ = evaluate(eval_step, state, data.val_rows, cfg.data.batch_size,
+                      sharding, cfg.train.eval_batches)
     writer.write(step, {"val/loss": val, "val/perplexity": math.exp(val)})
     writer.close()
     checkpointer.wait()

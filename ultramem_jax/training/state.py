@@ -1,0 +1,23 @@
+"""The train state: model and optimizer, split into a graph and its arrays."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from ultramem_jax.config import Config
+from ultramem_jax.model import build_model
+from ultramem_jax.training.optimizer import make_optimizer
+
+
+def create_state(cfg: Config) -> tuple[nnx.GraphDef, nnx.State]:
+  """Builds model and optimizer under the current mesh and logical rules
+  (``parallel.mesh.use_mesh``) and splits them: ``state`` is what the steps
+  take and what checkpoints hold."""
+  model = build_model(cfg.model, cfg.train.seed)
+  optimizer = make_optimizer(model, cfg.optimizer, cfg.train.steps)
+  return nnx.split((model, optimizer))
+
+
+def param_count(state: nnx.State) -> int:
+  return sum(x.size for x in jax.tree.leaves(nnx.state(state[0], nnx.Param)))
