@@ -44,6 +44,9 @@ def test_train_then_eval(tmp_path, text_dir):
   assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
   assert [e.step for e in events.Scalars("val/loss")] == [3, 6]
 
+  png = (run_dir / "loss.png").read_bytes()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
   summary = json.loads((run_dir / "summary.json").read_text())
   proc = run("eval.py", "loss", "--run_dir", run_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -15,6 +15,7 @@ from ultramem_jax.data.pipeline import train_dataset
 from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh
 from ultramem_jax.training.checkpoint import Checkpointer, abstract_like
 from ultramem_jax.training.loop import train
+from ultramem_jax.training.metrics import read_scalars
 from ultramem_jax.training.optimizer import (lr_schedule, make_optimizer,
                                              multiplier_schedule, param_labels)
 from ultramem_jax.training.state import create_state
@@ -89,6 +90,9 @@ def test_resume_gives_bitwise_identical_losses(tmp_path, text_dir):
   assert resumed == full.losses  # exact float equality, every step
   assert second.val_loss == full.val_loss
   assert full.losses[8] < full.losses[1]
+  # The run's metrics log spans both sessions, for the loss plot.
+  steps, values = read_scalars(tmp_path / "b" / "run" / "metrics.jsonl", "train/loss")
+  assert dict(zip(steps, values)) == pytest.approx(full.losses, rel=1e-6)
 
 
 def test_run_directory_is_never_clobbered(tmp_path, text_dir):

@@ -25,7 +25,7 @@ from ultramem_jax.data.tokenizer import FILENAME as TOKENIZER_FILE
 from ultramem_jax.data.tokenizer import load_tokenizer
 from ultramem_jax.parallel.mesh import batch_sharding, make_mesh, mesh_shape, use_mesh
 from ultramem_jax.training.checkpoint import Checkpointer, abstract_like
-from ultramem_jax.training.metrics import Progress, ScalarWriter
+from ultramem_jax.training.metrics import Progress, ScalarWriter, plot_losses
 from ultramem_jax.training.evaluate import evaluate, shard_batch
 from ultramem_jax.training.optimizer import lr_schedule
 from ultramem_jax.training.state import create_state, param_count
@@ -33,6 +33,8 @@ from ultramem_jax.training.step import make_eval_step, make_train_step
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
 # Sections of the config that a resumed run must share with the saved one.
 _FIXED_SECTIONS = ("model", "data")
 
@@ -194,7 +196,8 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
     train_step = make_train_step(graphdef).lower(state, first).compile()
     say(f"compiled the train step in {time.perf_counter() - t0:.1f}s")
 
-    writer = ScalarWriter(paths.tensorboard, enabled=is_main)
+    writer = ScalarWriter(paths.tensorboard, paths.root / METRICS_FILE,
+                          enabled=is_main)
     progress = Progress(cfg.train.steps, step, cfg.train.progress_bar)
     say = progress.write if cfg.train.progress_bar else say
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
@@ -258,9 +261,12 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
                "tokens_per_sec": result.tokens_per_sec,
                "wall_time_sec": result.wall_time_sec, "data": data.stats}
     (paths.root / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    plot_losses(paths.root / METRICS_FILE, paths.root / PLOT_FILE,
+                reference=result.val_unigram_entropy)
   say(f"step {step}: validation loss {val:.4f} nats/token (perplexity "
       f"{math.exp(val):.1f}); unigram entropy of the validation text "
       f"{result.val_unigram_entropy:.4f} nats/token")
   say(f"checkpoints: {paths.checkpoints}")
   say(f"tensorboard: tensorboard --logdir {paths.tensorboard}")
+  say(f"loss curve: {paths.root / PLOT_FILE}")
   return result

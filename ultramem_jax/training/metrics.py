@@ -1,7 +1,9 @@
-"""TensorBoard scalars (without TensorFlow) and the progress bar."""
+"""Scalars to TensorBoard (without TensorFlow) and to metrics.jsonl, the
+loss-curve plot, and the progress bar."""
 
 from __future__ import annotations
 
+import json
 import pathlib
 import time
 
@@ -11,11 +13,13 @@ from tqdm import tqdm
 
 
 class ScalarWriter:
-  """Writes scalar summaries to a TensorBoard event file."""
+  """Writes scalars to a TensorBoard event file and appends them, one JSON
+  object per call, to a JSON-lines file (what the plots are drawn from)."""
 
-  def __init__(self, logdir: str | pathlib.Path, enabled: bool = True):
-    self.logdir = pathlib.Path(logdir)
-    self._writer = EventFileWriter(str(self.logdir)) if enabled else None
+  def __init__(self, logdir: str | pathlib.Path, jsonl: str | pathlib.Path,
+               enabled: bool = True):
+    self._writer = EventFileWriter(str(logdir)) if enabled else None
+    self._jsonl = open(jsonl, "a") if enabled else None
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if self._writer is None:
@@ -24,14 +28,48 @@ class ScalarWriter:
               for k, v in scalars.items()]
     self._writer.add_event(event_pb2.Event(
         step=step, wall_time=time.time(), summary=summary_pb2.Summary(value=values)))
-
-  def flush(self) -> None:
-    if self._writer is not None:
-      self._writer.flush()
+    self._jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
 
   def close(self) -> None:
     if self._writer is not None:
       self._writer.close()
+      self._jsonl.close()
+
+
+def read_scalars(jsonl: str | pathlib.Path, tag: str) -> tuple[list[int], list[float]]:
+  """(steps, values) of one tag; a step logged twice (a run resumed from an
+  earlier checkpoint) keeps its last value."""
+  by_step: dict[int, float] = {}
+  for line in pathlib.Path(jsonl).read_text().splitlines():
+    record = json.loads(line)
+    if tag in record:
+      by_step[record["step"]] = record[tag]
+  steps = sorted(by_step)
+  return steps, [by_step[s] for s in steps]
+
+
+def plot_losses(jsonl: str | pathlib.Path, png: str | pathlib.Path,
+                reference: float | None = None) -> None:
+  """Training and validation loss against step, written as a PNG."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+  steps, loss = read_scalars(jsonl, "train/loss")
+  ax.plot(steps, loss, lw=1, label="train loss")
+  steps, val = read_scalars(jsonl, "val/loss")
+  ax.plot(steps, val, "o-", label="validation loss")
+  if reference is not None:
+    ax.axhline(reference, color="gray", ls="--",
+               label=f"unigram entropy of validation text ({reference:.2f})")
+  ax.set_xlabel("step")
+  ax.set_ylabel("nats / token")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(png)
+  plt.close(fig)
 
 
 class Progress:
