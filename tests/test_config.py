@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from ultramem_jax.config import (Config, ConfigError, FFNConfig, MeshConfig, ModelConfig, OptimizerConfig,
-                                 ParamGroupConfig, TrainConfig, load_config, save_config)
+                                 ParamGroupConfig, TrainConfig, load_config, save_config, validate)
 from ultramem_jax.parallel.mesh import mesh_shape
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -180,20 +180,16 @@ def test_overrides_typed_and_win_over_files():
   assert dataclasses.replace(over, optimizer=dataclasses.replace(over.optimizer, lr=base.optimizer.lr)) == base
 
 
-def test_override_param_group_mapping_replaces_nothing_else():
+def test_override_param_group_mapping_merges_onto_the_defaults():
   cfg = load_config(TINY, ["optimizer.param_groups={default: {lr_multiplier: 2}, "
                            "values: {lr_multiplier: 4, weight_decay: false}}"])
   assert cfg.optimizer.param_groups == {
     "default": ParamGroupConfig(lr_multiplier=2.0),
+    "no_decay": ParamGroupConfig(weight_decay=False),
     "values": ParamGroupConfig(lr_multiplier=4.0, weight_decay=False),
   }
 
 
-@pytest.mark.xfail(strict=True, reason=(
-  "config.py apply_overrides/_build_dataclass: when no file sets optimizer.param_groups, a dotted "
-  "override of one group builds the dict from that group alone, dropping the default 'default' and "
-  "'no_decay' groups, so validate() fails with \"optimizer.param_groups: got ['values']; must define "
-  "a 'default' group\""))
 def test_override_adds_param_group_with_defaults():
   cfg = load_config(TINY, ["optimizer.param_groups.values.lr_multiplier=4"])
   assert cfg.optimizer.param_groups == {
@@ -201,6 +197,12 @@ def test_override_adds_param_group_with_defaults():
     "no_decay": ParamGroupConfig(weight_decay=False),
     "values": ParamGroupConfig(lr_multiplier=4.0, multiplier_decay_steps=0, weight_decay=True),
   }
+
+
+def test_override_of_a_default_group_keeps_its_other_fields():
+  cfg = load_config(TINY, ["optimizer.param_groups.no_decay.lr_multiplier=2"])
+  assert cfg.optimizer.param_groups["no_decay"] == ParamGroupConfig(
+    lr_multiplier=2.0, weight_decay=False)
 
 
 def test_override_adds_param_group_when_file_defines_groups(tmp_path):
@@ -297,7 +299,6 @@ def test_wrong_type(override, key, value, allowed):
   (["mesh.data=2", "mesh.fsdp=-1", "mesh.tensor=-1"], "mesh.tensor"),
   (["mesh.tensor=0"], "mesh.tensor"),
   (["mesh.data=-2"], "mesh.data"),
-  (["optimizer.param_groups={no_decay: {weight_decay: false}}"], "optimizer.param_groups"),
   (["optimizer.param_groups={default: {lr_multiplier: 0}}"], "optimizer.param_groups.default.lr_multiplier"),
   (["train.steps=0"], "train.steps"),
   (["data.bpe_vocab_size=100"], "data.bpe_vocab_size"),
@@ -314,7 +315,15 @@ def test_bad_combination_messages_say_what_is_allowed():
   assert "smaller than train.steps=30" in _error(TINY, ["train.steps=30"])
   assert "strictly between 0 and 1" in _error(TINY, ["data.val_fraction=0"])
   assert "['data', 'memory']" in _error(TINY, ["mesh.memory=-1"])
-  assert "'default'" in _error(TINY, ["optimizer.param_groups={no_decay: {}}"])
+
+
+def test_missing_default_param_group_is_refused():
+  # Files and overrides merge onto the built-in groups, so only a Config
+  # built in code can lack 'default'.
+  cfg = load_config(TINY)
+  cfg.optimizer.param_groups = {"no_decay": ParamGroupConfig(weight_decay=False)}
+  with pytest.raises(ConfigError, match="optimizer.param_groups.*'default'"):
+    validate(cfg)
 
 
 def test_valid_edge_values_are_accepted():

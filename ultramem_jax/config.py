@@ -329,8 +329,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def from_dict(data: dict) -> Config:
-  """Builds and validates a Config from plain data."""
-  cfg = _build_dataclass(Config, data, "")
+  """Builds and validates a Config from plain data, merged key by key onto
+  the defaults (so a mapping such as optimizer.param_groups keeps its
+  default entries when a file or an override adds one)."""
+  cfg = _build_dataclass(Config, _merge(to_dict(Config()), data), "")
   validate(cfg)
   return cfg
 
