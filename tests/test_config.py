@@ -360,7 +360,8 @@ def test_saved_file_is_plain_yaml_of_every_field(tmp_path):
   save_config(cfg, tmp_path / "c.yaml")
   data = yaml.safe_load((tmp_path / "c.yaml").read_text())
   assert list(data) == ["model", "data", "optimizer", "train", "mesh"]
-  assert data["model"]["ffn"] == {"kind": "dense", "inner_dim": 384}
+  assert data["model"]["ffn"]["kind"] == "dense" and data["model"]["ffn"]["inner_dim"] == 384
+  assert data["model"]["ffn"]["moe"]["num_experts"] == 64
   assert data["optimizer"]["param_groups"]["no_decay"] == {
     "lr_multiplier": 1.0, "multiplier_decay_steps": 0, "weight_decay": False}
   assert set(data["train"]) == {f.name for f in dataclasses.fields(TrainConfig)}

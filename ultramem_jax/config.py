@@ -34,12 +34,33 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass
+class MoEConfig:
+  """Fine-grained top-k experts, OLMoE style (``model.ffn.kind: moe``)."""
+
+  num_experts: int = 64
+  top_k: int = 8
+  # Inner width of each SwiGLU expert; 0 means d_model // 2 (OLMoE).
+  expert_dim: int = 0
+  # Always-active experts of the same width, added to the routed output.
+  num_shared_experts: int = 0
+  # Renormalise the k chosen router probabilities to sum to 1 (OLMoE: no).
+  renormalize: bool = False
+  # 0: dropless (grouped matmuls over sorted assignments). > 0: each expert
+  # takes at most ceil(capacity_factor * tokens * top_k / num_experts)
+  # assignments; the rest are dropped, counted and logged.
+  capacity_factor: float = 0.0
+  load_balance_coef: float = 0.01
+  z_loss_coef: float = 0.001
+
+
+@dataclasses.dataclass
 class FFNConfig:
   """What fills the FFN slot of every block (``model.ffn.kind``)."""
 
-  kind: Literal["dense"] = "dense"
-  # Inner width of the SwiGLU FFN; 0 means round(8/3 * d_model) up to 64.
+  kind: Literal["dense", "moe"] = "dense"
+  # Inner width of the dense SwiGLU FFN; 0 means 8/3 * d_model rounded up to 64.
   inner_dim: int = 0
+  moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
 
 
 @dataclasses.dataclass
@@ -68,6 +89,10 @@ class ModelConfig:
   @property
   def attn_head_dim(self) -> int:
     return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def expert_dim(self) -> int:
+    return self.ffn.moe.expert_dim or self.d_model // 2
 
   @property
   def ffn_inner_dim(self) -> int:
@@ -387,6 +412,21 @@ def validate(cfg: Config) -> None:
   _require(m.attn_head_dim % 2 == 0, "model.head_dim", m.attn_head_dim,
            "rotary positions need an even head width")
   _require(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
+  if m.ffn.kind == "moe":
+    e = m.ffn.moe
+    _require(e.num_experts >= 1, "model.ffn.moe.num_experts", e.num_experts,
+             "must be a positive integer")
+    _require(1 <= e.top_k <= e.num_experts, "model.ffn.moe.top_k", e.top_k,
+             f"must lie in [1, model.ffn.moe.num_experts={e.num_experts}]")
+    _require(e.expert_dim >= 0, "model.ffn.moe.expert_dim", e.expert_dim,
+             "must be >= 0 (0 means d_model // 2)")
+    _require(e.num_shared_experts >= 0, "model.ffn.moe.num_shared_experts",
+             e.num_shared_experts, "must be >= 0")
+    _require(e.capacity_factor >= 0, "model.ffn.moe.capacity_factor",
+             e.capacity_factor, "must be >= 0 (0 means dropless)")
+    for key in ("load_balance_coef", "z_loss_coef"):
+      _require(getattr(e, key) >= 0, f"model.ffn.moe.{key}", getattr(e, key),
+               "must be >= 0")
   _require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be > 0")
   if d.tokenizer == "bpe":
     _require(d.bpe_vocab_size >= 260, "data.bpe_vocab_size", d.bpe_vocab_size,

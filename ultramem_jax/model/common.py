@@ -38,6 +38,16 @@ def normal_param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...],
   return param(rngs, nnx.initializers.normal(std), shape, names, dtype)
 
 
+class AuxLoss(nnx.Intermediate):
+  """A scalar a layer sows (``self.sow(AuxLoss, name, value)``) to be added
+  to the training loss; the train step pops, sums and logs them by name."""
+
+
+class LayerMetric(nnx.Intermediate):
+  """A value a layer sows for logging only (no gradient is taken through it):
+  a scalar, or a vector such as per-expert load."""
+
+
 class RMSNorm(nnx.Module):
   """y = x / rms(x) * scale, computed in float32."""
 

@@ -26,6 +26,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("norm", None),
+    ("expert", "expert"),
+    ("router_logits", None),
 )
 
 RULES = dict(LOGICAL_AXIS_RULES)
