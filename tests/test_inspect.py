@@ -71,3 +71,31 @@ def test_cli_reports_config_errors():
        "model.n_heads=3"], capture_output=True, text=True)
   assert proc.returncode == 2
   assert "model.n_heads: got 3" in proc.stderr
+
+
+@pytest.mark.parametrize("path,active,total,tol", [
+    ("configs/paper/moe_227m.yaml", 228e6, 1.18e9, 0.03),
+    ("configs/paper/moe_1b7b.yaml", 1.07e9, 6.71e9, 0.10),
+])
+def test_paper_moe_configs_match_table_10(path, active, total, tol):
+  """Spec section 3's convention: total excludes embedding and output
+  matrices; active adds one vocab x d matrix at 227M, none at 1B/7B."""
+  out = inspect_config(load_config(path))
+  assert out["non_embedding_params"] == pytest.approx(total, rel=tol)
+  if "227m" in path:
+    got_active = out["activated_non_embedding_params"] + 50304 * 768
+  else:
+    got_active = out["activated_non_embedding_params"]
+  assert got_active == pytest.approx(active, rel=tol)
+
+
+def test_moe_activated_counts_exactly_top_k_experts_and_router():
+  dense = inspect_config(load_config("configs/tiny_dense.yaml"))
+  moe = inspect_config(load_config("configs/tiny_moe.yaml"))
+  d, L, E, k, f = 128, 4, 64, 8, 48
+  # tiny_dense's FFN (3 * d * 384 per block) swapped for router + k experts.
+  expected = dense["activated_non_embedding_params"] - L * 3 * d * 384 \
+      + L * (d * E + k * 3 * d * f)
+  assert moe["activated_non_embedding_params"] == expected
+  assert moe["non_embedding_params"] == dense["non_embedding_params"] \
+      - L * 3 * d * 384 + L * (d * E + E * 3 * d * f)

@@ -168,3 +168,29 @@ def test_unknown_param_group_label_is_refused(tmp_path, text_dir):
                                        param_groups={"default": ParamGroupConfig()})
     with pytest.raises(ValueError, match=r"labelled \['no_decay'\]"):
       make_optimizer(model, only_default, total_steps=10)
+
+
+def test_moe_aux_losses_join_the_objective_and_are_logged(tmp_path, text_dir):
+  cfg = tiny_config(tmp_path, text_dir, steps=4, checkpoint_every=4)
+  moe = dataclasses.replace(cfg.model.ffn.moe, num_experts=8, top_k=2, expert_dim=16)
+  cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+      cfg.model, ffn=dataclasses.replace(cfg.model.ffn, kind="moe", moe=moe)))
+  result = train(cfg, log=lambda s: None)
+  metrics = tmp_path / "run" / "metrics.jsonl"
+  _, loss = read_scalars(metrics, "train/loss")
+  _, total = read_scalars(metrics, "train/total_loss")
+  _, lb = read_scalars(metrics, "train/aux/load_balance")
+  _, z = read_scalars(metrics, "train/aux/router_z")
+  assert loss == pytest.approx(list(result.losses.values()))
+  # The objective is the cross-entropy plus the summed auxiliary losses.
+  np.testing.assert_allclose(total, np.add(np.add(loss, lb), z), rtol=1e-5)
+  # Two MoE layers, each at least coef (1x coef means perfectly balanced).
+  assert all(v >= 2 * 0.01 * 0.999 for v in lb)
+  _, load_max = read_scalars(metrics, "train/layers/blocks/1/ffn/expert_load/max_over_mean")
+  _, entropy = read_scalars(metrics, "train/layers/blocks/0/ffn/router_entropy")
+  assert len(load_max) == 4 and all(v >= 1.0 for v in load_max)
+  assert all(0 < v <= math.log(8) + 1e-5 for v in entropy)
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+  events.Reload()
+  assert "train/layers/blocks/0/ffn/expert_load" in events.Tags()["histograms"]

@@ -25,7 +25,8 @@ from ultramem_jax.data.tokenizer import FILENAME as TOKENIZER_FILE
 from ultramem_jax.data.tokenizer import load_tokenizer
 from ultramem_jax.parallel.mesh import batch_sharding, make_mesh, mesh_shape, use_mesh
 from ultramem_jax.training.checkpoint import Checkpointer, abstract_like
-from ultramem_jax.training.metrics import Progress, ScalarWriter, plot_losses
+from ultramem_jax.training.metrics import (Progress, ScalarWriter, plot_losses,
+                                           split_step_metrics)
 from ultramem_jax.training.evaluate import evaluate, shard_batch
 from ultramem_jax.training.optimizer import lr_schedule
 from ultramem_jax.training.state import create_state, param_count
@@ -224,9 +225,10 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
         rates.append(rate)
         for s, m in fetched:
           losses[s] = float(m["loss"])
-          writer.write(s, {"train/loss": float(m["loss"]),
-                           "train/grad_norm": float(m["grad_norm"]),
-                           "train/lr": float(schedule(s - 1))})
+          scalars, vectors = split_step_metrics(m)
+          writer.write(s, {**scalars, "train/lr": float(schedule(s - 1))})
+          for tag, values in vectors.items():
+            writer.histogram(s, tag, values)
         writer.write(step, {"train/tokens_per_sec": rate})
         progress.update(steps_in_interval, loss=losses[step], tok_s=f"{rate:,.0f}")
         t_interval, steps_in_interval = time.perf_counter(), 0

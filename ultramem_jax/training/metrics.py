@@ -7,6 +7,8 @@ import json
 import pathlib
 import time
 
+import numpy as np
+
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from tqdm import tqdm
@@ -30,10 +32,43 @@ class ScalarWriter:
         step=step, wall_time=time.time(), summary=summary_pb2.Summary(value=values)))
     self._jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
 
+  def histogram(self, step: int, tag: str, values) -> None:
+    """A TensorBoard histogram of `values` (e.g. the load of every expert)."""
+    if self._writer is None:
+      return
+    v = np.asarray(values, np.float64).ravel()
+    counts, edges = np.histogram(v, bins=min(30, max(1, v.size)))
+    proto = summary_pb2.HistogramProto(
+        min=float(v.min()), max=float(v.max()), num=float(v.size),
+        sum=float(v.sum()), sum_squares=float((v * v).sum()),
+        bucket_limit=edges[1:].tolist(), bucket=counts.astype(float).tolist())
+    self._writer.add_event(event_pb2.Event(
+        step=step, wall_time=time.time(),
+        summary=summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, histo=proto)])))
+
   def close(self) -> None:
     if self._writer is not None:
       self._writer.close()
       self._jsonl.close()
+
+
+def split_step_metrics(metrics: dict) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+  """Train-step metrics as TensorBoard tags: scalars as they are, vectors
+  (per-expert load) as histograms plus their max/mean and min/mean, which
+  are 1 when the vector is uniform."""
+  scalars, vectors = {}, {}
+  for key, value in metrics.items():
+    v = np.asarray(value)
+    tag = f"train/{key}"
+    if v.ndim == 0:
+      scalars[tag] = float(v)
+    else:
+      vectors[tag] = v
+      mean = float(v.mean())
+      if mean:
+        scalars[f"{tag}/max_over_mean"] = float(v.max()) / mean
+        scalars[f"{tag}/min_over_mean"] = float(v.min()) / mean
+  return scalars, vectors
 
 
 def read_scalars(jsonl: str | pathlib.Path, tag: str) -> tuple[list[int], list[float]]:

@@ -3,6 +3,13 @@
 The model and optimizer travel through ``jax.jit`` as one ``nnx.State``
 (split once by the caller); the train step donates it so parameters and
 optimizer moments are updated in place.
+
+Layers may sow ``AuxLoss`` scalars (added to the objective, e.g. the MoE
+load-balance and router z-losses) and ``LayerMetric`` values (logged only).
+The reported ``loss`` is always the language-model cross-entropy, so runs of
+different layer kinds compare directly; the auxiliary terms are reported
+beside it under ``aux/<name>`` (summed over layers) and the objective that
+was differentiated as ``total_loss``.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from ultramem_jax.model.common import AuxLoss, LayerMetric
+
 
 def token_losses(model: nnx.Module, batch: dict) -> jax.Array:
   """Per-token cross-entropy (nats) of the next-token targets, float32."""
@@ -21,19 +30,38 @@ def token_losses(model: nnx.Module, batch: dict) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
 
 
-def loss_fn(model: nnx.Module, batch: dict) -> jax.Array:
-  return jnp.mean(token_losses(model, batch))
+def pop_sown(model: nnx.Module, kind: type) -> dict[str, jax.Array]:
+  """Removes what layers sowed as `kind`; keys are slash-joined paths such as
+  ``blocks/3/ffn/load_balance``, values the sum of what was sown there."""
+  out = {}
+  for path, var in nnx.to_flat_state(nnx.pop(model, kind)):
+    values = var.get_value()
+    out["/".join(map(str, path))] = sum(values[1:], values[0])
+  return out
+
+
+def loss_fn(model: nnx.Module, batch: dict) -> tuple[jax.Array, dict]:
+  """(objective, metrics): cross-entropy plus every sown AuxLoss."""
+  ce = jnp.mean(token_losses(model, batch))
+  aux: dict[str, jax.Array] = {}
+  for key, value in pop_sown(model, AuxLoss).items():
+    name = f"aux/{key.rsplit('/', 1)[-1]}"
+    aux[name] = aux.get(name, 0.0) + value
+  layers = {f"layers/{k}": v for k, v in pop_sown(model, LayerMetric).items()}
+  total = ce + sum(aux.values())
+  return total, {"loss": ce, "total_loss": total, **aux, **layers}
 
 
 def make_train_step(graphdef: nnx.GraphDef) -> Callable:
-  """(state, batch) -> (state, {'loss', 'grad_norm'}); state is donated."""
+  """(state, batch) -> (state, metrics); state is donated. Metrics hold
+  'loss', 'total_loss', 'grad_norm', 'aux/*' and 'layers/*'."""
 
   def train_step(state: nnx.State, batch: dict):
     model, optimizer = nnx.merge(graphdef, state)
-    loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
-    grad_norm = optax.global_norm(grads)
+    (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
+    metrics["grad_norm"] = optax.global_norm(grads)
     optimizer.update(model, grads)
-    return nnx.state((model, optimizer)), {"loss": loss, "grad_norm": grad_norm}
+    return nnx.state((model, optimizer)), metrics
 
   return jax.jit(train_step, donate_argnums=0)
 

@@ -1,0 +1,202 @@
+"""Fine-grained top-k mixture of SwiGLU experts (the OLMoE-style baseline).
+
+For the N = B * T tokens x_n of a block:
+
+    logits = x W_r  (float32, [N, E]),   p = softmax(logits)
+    (w_n, e_n) = top_k(p_n)               (w / sum(w) when ``renormalize``)
+    y_n = sum_j w_nj * Expert_{e_nj}(x_n)  [+ SharedSwiGLU(x_n)]
+    Expert_e(x) = (silu(x G_e) * (x U_e)) D_e
+
+Two dispatch strategies compute the same sum:
+
+- dropless (``capacity_factor == 0``): the N*k assignments are sorted by
+  expert and fed to grouped matmuls (``jax.lax.ragged_dot``);
+- capacity (``capacity_factor > 0``): expert e keeps only its first
+  C = ceil(capacity_factor * N * k / E) assignments in token order, in an
+  [E, C, d] buffer processed by batched einsums; the rest are dropped.
+
+Auxiliary losses are sown as :class:`AuxLoss` (added to the training loss),
+diagnostics as :class:`LayerMetric` (logged only).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ultramem_jax.config import ModelConfig
+from ultramem_jax.model.common import (AuxLoss, LayerMetric, dtype_of,
+                                       linear_std, normal_param, output_std)
+from ultramem_jax.model.ffn import SwiGLU, register_ffn
+
+
+def load_balance_loss(fraction: jax.Array, mean_prob: jax.Array,
+                      coef: float) -> jax.Array:
+  """coef * E * sum_e f_e * p_e (Switch / OLMoE); equals coef when either
+  f or p is uniform, and grows up to coef * E as routing collapses."""
+  return coef * fraction.shape[-1] * jnp.sum(fraction * mean_prob)
+
+
+@register_ffn("moe")
+class MoE(nnx.Module):
+  """y = sum over the top-k experts of w_e * SwiGLU_e(h) (+ shared experts)."""
+
+  def __init__(self, cfg: ModelConfig, layer_index: int, *, rngs: nnx.Rngs):
+    m = cfg.ffn.moe
+    d, f, e = cfg.d_model, cfg.expert_dim, m.num_experts
+    self.d_model, self.expert_dim, self.num_experts = d, f, e
+    self.top_k = m.top_k
+    self.renormalize = m.renormalize
+    self.capacity_factor = float(m.capacity_factor)
+    self.load_balance_coef = float(m.load_balance_coef)
+    self.z_loss_coef = float(m.z_loss_coef)
+    self.num_shared_experts = m.num_shared_experts
+    self.grouped_matmul = m.grouped_matmul
+    self.block_size = m.block_size
+    self.dtype = dtype_of(cfg.dtype)
+    pdt = dtype_of(cfg.param_dtype)
+    std, out_std = linear_std(cfg), output_std(cfg)
+    self.router = normal_param(rngs, std, (d, e), ("embed", "router_logits"), pdt)
+    self.w_gate = normal_param(rngs, std, (e, d, f), ("expert", "embed", "mlp"), pdt)
+    self.w_up = normal_param(rngs, std, (e, d, f), ("expert", "embed", "mlp"), pdt)
+    self.w_down = normal_param(rngs, out_std, (e, f, d), ("expert", "mlp", "embed"),
+                               pdt)
+    self.shared = (SwiGLU(cfg, layer_index, rngs=rngs,
+                          inner_dim=m.num_shared_experts * f)
+                   if m.num_shared_experts > 0 else None)
+
+  # ------------------------------------------------------------------ counts
+
+  def activated_param_count(self) -> int:
+    """Weights one token touches: router d*E, k experts of 3*d*f each and
+    the shared experts (3*d*(S*f))."""
+    d, f = self.d_model, self.expert_dim
+    return (d * self.num_experts + self.top_k * 3 * d * f
+            + 3 * d * self.num_shared_experts * f)
+
+  def flops_per_token(self) -> int:
+    """Forward FLOPs: 2 per multiply-add over every activated weight."""
+    return 2 * self.activated_param_count()
+
+  # ----------------------------------------------------------------- forward
+
+  def __call__(self, h: jax.Array) -> jax.Array:
+    shape, d = h.shape, h.shape[-1]
+    x = h.reshape(-1, d)
+    n, e, k = x.shape[0], self.num_experts, self.top_k
+
+    # Router in float32: logits [N, E], probs softmax over all E experts.
+    logits = x.astype(jnp.float32) @ self.router[...].astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    weights, experts = jax.lax.top_k(probs, k)  # [N, k] each
+    if self.renormalize:
+      weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+
+    # Assignments flattened token-major: a = n * k + j.
+    flat_e = experts.reshape(-1)
+    flat_w = weights.reshape(-1)
+    token = jnp.arange(n * k, dtype=jnp.int32) // k
+    counts = jnp.bincount(flat_e, length=e)  # integer: no gradient through f_e
+    fraction = counts.astype(jnp.float32) / (n * k)
+
+    if self.capacity_factor > 0:
+      y, kept = self._capacity(x, flat_e, flat_w, token)
+      dropped = 1.0 - jnp.mean(kept.astype(jnp.float32))
+    else:
+      y = self._dropless(x, flat_e, flat_w, token, counts)
+      dropped = jnp.zeros((), jnp.float32)
+    if self.shared is not None:
+      y = y + self.shared(x)
+
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    self.sow(AuxLoss, "load_balance", load_balance_loss(
+        fraction, jnp.mean(probs, axis=0), self.load_balance_coef))
+    self.sow(AuxLoss, "router_z", self.z_loss_coef * jnp.mean(jnp.square(lse)))
+    # Entropy -sum_e p_e log p_e, with log p = logits - lse (safe at p = 0).
+    entropy = -jnp.sum(probs * (logits - lse[:, None]), axis=-1)
+    sg = jax.lax.stop_gradient
+    self.sow(LayerMetric, "expert_load", sg(fraction))
+    self.sow(LayerMetric, "router_entropy", sg(jnp.mean(entropy)))
+    self.sow(LayerMetric, "dropped_fraction", sg(dropped))
+    return y.reshape(shape)
+
+  def _experts_ragged(self, xs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """SwiGLU over rows grouped by expert: rows [sum_{e'<e} g_e', ...+g_e)
+    use expert e. On TPU the megablox ``gmm`` kernel is the drop-in for
+    ``ragged_dot``; on CPU ragged_dot lowers to a dense masked product
+    (E times the FLOPs and an [E, rows, d] temporary)."""
+    dt = self.dtype
+    rd = jax.lax.ragged_dot
+    gate = jax.nn.silu(rd(xs, self.w_gate[...].astype(dt), group_sizes))
+    up = rd(xs, self.w_up[...].astype(dt), group_sizes)
+    return rd(gate * up, self.w_down[...].astype(dt), group_sizes)
+
+  def _experts_blocked(self, xs: jax.Array, row_expert: jax.Array,
+                       group_sizes: jax.Array) -> jax.Array:
+    """The same grouped SwiGLU, exactly, without ragged_dot: each expert's
+    rows are padded to a multiple of the block size b, so every block of b
+    rows belongs to one expert; blocks are multiplied by their expert's
+    weights in one batched einsum. FLOPs are (rows + E*(b-1)) / rows of the
+    ideal, and the gathered weights are [blocks, d, f]."""
+    rows, d = xs.shape
+    e, b, dt = self.num_experts, self.block_size, self.dtype
+    n_blocks = -(-(rows + e * (b - 1)) // b)
+    padded = -(-group_sizes // b) * b
+    padded_start = jnp.cumsum(padded) - padded
+    start = jnp.cumsum(group_sizes) - group_sizes
+    dest = padded_start[row_expert] + jnp.arange(rows) - start[row_expert]
+    # Expert of each block; blocks past the last group get expert 0 and zeros.
+    block_expert = jnp.clip(jnp.searchsorted(
+        jnp.cumsum(padded), jnp.arange(n_blocks) * b, side="right"), 0, e - 1)
+    xb = jnp.zeros((n_blocks * b, d), xs.dtype).at[dest].set(xs)
+    xb = xb.reshape(n_blocks, b, d)
+
+    def mm(v, w):
+      return jnp.einsum("nbi,nio->nbo", v, w[...].astype(dt)[block_expert])
+
+    h = jax.nn.silu(mm(xb, self.w_gate)) * mm(xb, self.w_up)
+    return mm(h, self.w_down).reshape(n_blocks * b, d)[dest]
+
+  def _dropless(self, x: jax.Array, flat_e: jax.Array, flat_w: jax.Array,
+                token: jax.Array, counts: jax.Array) -> jax.Array:
+    """Sort the N*k assignments by expert, grouped matmuls, weighted
+    scatter-add back: y_n = sum_{a: token(a)=n} w_a Expert_{e_a}(x_n)."""
+    order = jnp.argsort(flat_e, stable=True)
+    src = token[order]
+    impl = self.grouped_matmul
+    if impl == "auto":
+      impl = "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+    if impl == "blocked":
+      ys = self._experts_blocked(x[src], flat_e[order], counts.astype(jnp.int32))
+    else:
+      ys = self._experts_ragged(x[src], counts.astype(jnp.int32))
+    ys = ys.astype(jnp.float32) * flat_w[order][:, None]
+    out = jnp.zeros((x.shape[0], x.shape[1]), jnp.float32).at[src].add(ys)
+    return out.astype(self.dtype)
+
+  def _capacity(self, x: jax.Array, flat_e: jax.Array, flat_w: jax.Array,
+                token: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Capacity-limited dispatch. Position of assignment a in its expert's
+    queue: pos_a = #{a' < a : e_a' = e_a} (token-major order), from a
+    cumulative sum of one-hots ([N*k, E], never [N, E, C]); kept iff
+    pos_a < C. Returns (y [N, d], kept [N*k])."""
+    n, d = x.shape
+    e, k, dt = self.num_experts, self.top_k, self.dtype
+    cap = max(1, math.ceil(self.capacity_factor * n * k / e))
+    onehot = jax.nn.one_hot(flat_e, e, dtype=jnp.int32)
+    pos = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=-1)
+    kept = pos < cap
+    # Dispatch: out-of-range (dropped) slots are discarded by mode="drop".
+    buf = jnp.zeros((e, cap, d), dt).at[flat_e, pos].add(x[token], mode="drop")
+    g = jnp.einsum("ecd,edf->ecf", buf, self.w_gate[...].astype(dt))
+    u = jnp.einsum("ecd,edf->ecf", buf, self.w_up[...].astype(dt))
+    yb = jnp.einsum("ecf,efd->ecd", jax.nn.silu(g) * u,
+                    self.w_down[...].astype(dt))
+    # Combine: gather each kept assignment's row, zero for dropped ones.
+    ya = yb.at[flat_e, pos].get(mode="fill", fill_value=0)
+    wa = jnp.where(kept, flat_w, 0.0)
+    y = jnp.sum((ya.astype(jnp.float32) * wa[:, None]).reshape(n, k, d), axis=1)
+    return y.astype(dt), kept
