@@ -31,7 +31,7 @@ def evaluate_loss(run_dir: pathlib.Path, step: int | None,
   from ultramem_jax.parallel.mesh import batch_sharding, make_mesh, use_mesh
   from ultramem_jax.training.checkpoint import Checkpointer, abstract_like
   from ultramem_jax.training.evaluate import evaluate
-  from ultramem_jax.training.loop import RunPaths, latest_checkpoint_step
+  from ultramem_jax.training.loop import FIXED_SECTIONS, RunPaths, latest_checkpoint_step
   from ultramem_jax.training.state import create_state
   from ultramem_jax.training.step import make_eval_step
 
@@ -40,20 +40,20 @@ def evaluate_loss(run_dir: pathlib.Path, step: int | None,
     raise ConfigError(f"--run_dir: {str(run_dir)!r} has no {paths.config.name}; "
                       "expected the directory of a training run")
   saved = yaml.safe_load(paths.config.read_text())
-  cfg = from_dict(apply_overrides(saved, overrides))
-  for section in ("model", "data"):
-    if getattr(cfg, section) != getattr(from_dict(saved), section):
+  cfg, trained = from_dict(apply_overrides(saved, overrides)), from_dict(saved)
+  for section in FIXED_SECTIONS:
+    if getattr(cfg, section) != getattr(trained, section):
       raise ConfigError(f"overrides may not change the {section} section of a "
                         "trained run")
   latest = latest_checkpoint_step(run_dir)
   if latest is None:
     raise ConfigError(f"--run_dir: {str(run_dir)!r} holds no checkpoint")
   checkpointer = Checkpointer(paths.checkpoints, cfg.train.max_to_keep)
+  steps = checkpointer.all_steps()
   if step is None:
     step = latest
-  elif step not in checkpointer.all_steps():
-    raise ConfigError(f"--step: got {step}; the run has checkpoints at steps "
-                      f"{checkpointer.all_steps()}")
+  elif step not in steps:
+    raise ConfigError(f"--step: got {step}; the run has checkpoints at steps {steps}")
   data = prepare_data(cfg.data, tokenizer=load_tokenizer(paths.tokenizer))
   mesh = make_mesh(cfg.mesh)
   with use_mesh(mesh):

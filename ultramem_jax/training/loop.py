@@ -37,7 +37,7 @@ SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 # Sections of the config that a resumed run must share with the saved one.
-_FIXED_SECTIONS = ("model", "data")
+FIXED_SECTIONS = ("model", "data")
 
 
 @dataclasses.dataclass
@@ -113,7 +113,7 @@ def check_run_dir(cfg: Config) -> int | None:
   if latest is not None and paths.config.exists():
     saved = yaml.safe_load(paths.config.read_text()) or {}
     new = to_dict(cfg)
-    for section in _FIXED_SECTIONS:
+    for section in FIXED_SECTIONS:
       saved_section = dict(saved.get(section, {}))
       new_section = dict(new[section])
       if section == "model" and not new_section["vocab_size"]:
@@ -150,7 +150,8 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
   """Trains `cfg` to `cfg.train.steps` (or stops after `stop_at_step`,
   saving a checkpoint there), resuming from `cfg.train.run_dir` if asked."""
   t_start = time.perf_counter()
-  say = log or (lambda s: print(s, file=sys.stdout, flush=True))
+  log = log or (lambda s: print(s, file=sys.stdout, flush=True))
+  say = log
   paths = RunPaths(pathlib.Path(cfg.train.run_dir))
   is_main = jax.process_index() == 0
 
@@ -192,6 +193,13 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
     sharding = batch_sharding(mesh)
     schedule = lr_schedule(cfg.optimizer, cfg.train.steps)
     eval_step = make_eval_step(graphdef)
+
+    def validate(at_step: int) -> float:
+      val, _ = evaluate(eval_step, state, data.val_rows, cfg.data.batch_size,
+                        sharding, cfg.train.eval_batches)
+      writer.write(at_step, {"val/loss": val, "val/perplexity": math.exp(val)})
+      return val
+
     t0 = time.perf_counter()
     first = shard_batch(next(data_iter), sharding)
     train_step = make_train_step(graphdef).lower(state, first).compile()
@@ -200,7 +208,7 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
     writer = ScalarWriter(paths.tensorboard, paths.root / METRICS_FILE,
                           enabled=is_main)
     progress = Progress(cfg.train.steps, step, cfg.train.progress_bar)
-    say = progress.write if cfg.train.progress_bar else say
+    say = progress.write if cfg.train.progress_bar else log
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     losses: dict[int, float] = {}
     pending: list[tuple[int, dict]] = []
@@ -233,21 +241,16 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
         progress.update(steps_in_interval, loss=losses[step], tok_s=f"{rate:,.0f}")
         t_interval, steps_in_interval = time.perf_counter(), 0
       if step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-        val, _ = evaluate(eval_step, state, data.val_rows,
-                          cfg.data.batch_size, sharding, cfg.train.eval_batches)
-        writer.write(step, {"val/loss": val, "val/perplexity": math.exp(val)})
-        say(f"step {step}: validation loss {val:.4f}")
+        say(f"step {step}: validation loss {validate(step):.4f}")
         t_interval = time.perf_counter()
       if step % cfg.train.checkpoint_every == 0 or step == end:
         checkpointer.save(step, state, data_iter,
                           {"config": to_dict(cfg), "step": step,
                            "loss": losses.get(step)})
     progress.close()
-    say = log or (lambda s: print(s, file=sys.stdout, flush=True))
+    say = log
 
-    val, _ = evaluate(eval_step, state, data.val_rows, cfg.data.batch_size,
-                      sharding, cfg.train.eval_batches)
-    writer.write(step, {"val/loss": val, "val/perplexity": math.exp(val)})
+    val = validate(step)
     writer.close()
     checkpointer.wait()
     checkpointer.close()
