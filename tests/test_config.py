@@ -66,7 +66,8 @@ def test_tiny_dense_hand_written_values():
   assert cfg.model.n_kv_heads == 0 and cfg.model.kv_heads == 4 and cfg.model.attn_head_dim == 32
   assert cfg.train.resume is None and cfg.train.eval_batches == 0
   assert cfg.optimizer.param_groups == {"default": ParamGroupConfig(),
-                                        "no_decay": ParamGroupConfig(weight_decay=False)}
+                                        "no_decay": ParamGroupConfig(weight_decay=False),
+                                        "values": ParamGroupConfig()}
 
 
 def test_tiny_dense_matches_every_value_written_in_the_files():

@@ -131,7 +131,7 @@ def test_tied_and_untied_heads(mesh):
   # Tied logits are exactly the final hidden state against the embedding.
   x = jnp.take(tied.token_embed[...], tokens, axis=0)
   for block in tied.blocks:
-    x = block(x, jnp.arange(10)[None])
+    x, _ = block(x, jnp.arange(10)[None])
   manual = tied.final_norm(x) @ tied.token_embed[...].T
   np.testing.assert_allclose(tied(tokens), manual, rtol=1e-5, atol=1e-5)
 

@@ -12,7 +12,8 @@ from ultramem_jax.config import ModelConfig
 
 
 def dtype_of(name: str) -> jnp.dtype:
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+          "float64": jnp.float64}[name]
 
 
 def linear_std(cfg: ModelConfig) -> float:
@@ -26,16 +27,19 @@ def output_std(cfg: ModelConfig) -> float:
 
 
 def param(rngs: nnx.Rngs, init, shape: tuple[int, ...],
-          names: tuple[str | None, ...], dtype) -> nnx.Param:
-  """A parameter created already carrying its logical axis names."""
+          names: tuple[str | None, ...], dtype, **metadata) -> nnx.Param:
+  """A parameter created already carrying its logical axis names; extra
+  metadata (e.g. ``param_group="values"``) travels with the variable."""
   if len(names) != len(shape):
     raise ValueError(f"logical names {names} do not match shape {shape}")
-  return nnx.Param(nnx.with_partitioning(init, names)(rngs.params(), shape, dtype))
+  return nnx.Param(nnx.with_partitioning(init, names)(rngs.params(), shape, dtype),
+                   **metadata)
 
 
 def normal_param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...],
-                 names: tuple[str | None, ...], dtype) -> nnx.Param:
-  return param(rngs, nnx.initializers.normal(std), shape, names, dtype)
+                 names: tuple[str | None, ...], dtype, **metadata) -> nnx.Param:
+  return param(rngs, nnx.initializers.normal(std), shape, names, dtype,
+               **metadata)
 
 
 class AuxLoss(nnx.Intermediate):

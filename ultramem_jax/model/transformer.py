@@ -7,26 +7,65 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ultramem_jax.config import ModelConfig
+from ultramem_jax.memory_geometry import memory_geometry
 from ultramem_jax.model.attention import Attention
-from ultramem_jax.model.common import RMSNorm, dtype_of, linear_std, normal_param
+from ultramem_jax.model.common import (LayerMetric, RMSNorm, dtype_of,
+                                       linear_std, normal_param)
 from ultramem_jax.model.ffn import build_ffn
+from ultramem_jax.model.memory import MemoryLayer, MemoryTable, calibrate_memory
 from ultramem_jax.parallel.rules import constrain
 
 _ACT = ("activation_batch", "activation_length", "activation_embed")
 
 
-class Block(nnx.Module):
-  """x = x + Attn(RMSNorm(x)); x = x + FFN(RMSNorm(x))."""
+def _rms(x: jax.Array) -> jax.Array:
+  return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))
 
-  def __init__(self, cfg: ModelConfig, layer_index: int, *, rngs: nnx.Rngs):
+
+class Block(nnx.Module):
+  """x = x + Attn(RMSNorm(x)); h = RMSNorm(x); x = x + FFN(h) + Mem(h).
+
+  ``memory`` = (memory-layer index, destination block): a memory layer reads
+  this block's h. When the destination is this block its output joins the
+  FFN's (UltraMemV2: every block); otherwise (UltraMem v1's skip layers) it
+  is returned, and the Transformer adds it after the destination block.
+  With ``model.memory.replace_ffn`` the block has no FFN (Memory+, PKM, PEER).
+  """
+
+  def __init__(self, cfg: ModelConfig, layer_index: int, *, rngs: nnx.Rngs,
+               memory: tuple[int, int] | None = None):
+    self.index = layer_index
     self.attn_norm = RMSNorm(cfg.d_model, cfg, rngs=rngs)
     self.attn = Attention(cfg, rngs=rngs)
     self.ffn_norm = RMSNorm(cfg.d_model, cfg, rngs=rngs)
-    self.ffn = build_ffn(cfg, layer_index, rngs=rngs)
+    replaced = memory is not None and cfg.memory.replace_ffn
+    self.ffn = None if replaced else build_ffn(cfg, layer_index, rngs=rngs)
+    self.memory = (MemoryLayer(cfg, memory[0], rngs=rngs,
+                               own_table=not cfg.memory.share_values)
+                   if memory is not None else None)
+    self.memory_target = memory[1] if memory is not None else None
 
-  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, positions: jax.Array,
+               memory_table: MemoryTable | None = None
+               ) -> tuple[jax.Array, jax.Array | None]:
+    """Returns (x, output of a skip memory layer to add later, or None)."""
     x = constrain(x + self.attn(self.attn_norm(x), positions), _ACT)
-    return constrain(x + self.ffn(self.ffn_norm(x)), _ACT)
+    h = self.ffn_norm(x)
+    y = self.ffn(h) if self.ffn is not None else None
+    deferred = None
+    if self.memory is not None:
+      mem = self.memory(h, memory_table)
+      if y is not None:
+        sg = jax.lax.stop_gradient
+        self.memory.sow(LayerMetric, "out_rms_over_ffn",
+                        sg(_rms(mem) / jnp.maximum(_rms(y), 1e-30)))
+      if self.memory_target == self.index:
+        y = mem if y is None else y + mem
+      else:
+        deferred = mem
+    if y is not None:
+      x = x + y
+    return constrain(x, _ACT), deferred
 
 
 class Transformer(nnx.Module):
@@ -42,8 +81,13 @@ class Transformer(nnx.Module):
     self.token_embed = normal_param(rngs, linear_std(cfg),
                                     (cfg.vocab_size, cfg.d_model),
                                     ("vocab", "embed"), pdt)
+    geo = memory_geometry(cfg)
+    reads = {src: (l, dst) for l, (src, dst) in enumerate(geo.placement)}
+    self.memory_table = (MemoryTable(cfg, geo.table_rows, rngs=rngs)
+                         if cfg.memory.share_values and geo.placement else None)
     self.blocks = nnx.List(
-        [Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
+        [Block(cfg, i, rngs=rngs, memory=reads.get(i))
+         for i in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.d_model, cfg, rngs=rngs)
     if not cfg.tie_embeddings:
       self.lm_head = normal_param(rngs, linear_std(cfg),
@@ -55,8 +99,14 @@ class Transformer(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = jnp.take(self.token_embed[...], tokens, axis=0).astype(self.dtype)
     x = constrain(x, _ACT)
-    for block in self.blocks:
-      x = block(x, positions)
+    later: dict[int, jax.Array] = {}
+    for i, block in enumerate(self.blocks):
+      x, deferred = block(x, positions, self.memory_table)
+      if deferred is not None:
+        t = block.memory_target
+        later[t] = deferred if t not in later else later[t] + deferred
+      if i in later:
+        x = constrain(x + later.pop(i), _ACT)
     x = self.final_norm(x)
     if self.tie_embeddings:
       head = self.token_embed[...].astype(self.dtype).T
@@ -70,5 +120,9 @@ class Transformer(nnx.Module):
 
 def build_model(cfg: ModelConfig, seed: int) -> Transformer:
   """Builds the model under the current mesh and logical rules (see
-  ``parallel.mesh.use_mesh``); parameters are placed as they are created."""
-  return Transformer(cfg, rngs=nnx.Rngs(params=seed))
+  ``parallel.mesh.use_mesh``); parameters are placed as they are created.
+  Memory layers are then calibrated (the paper's score normalisation and
+  Eq. 26 value init, ``model.memory.init: paper``)."""
+  model = Transformer(cfg, rngs=nnx.Rngs(params=seed))
+  calibrate_memory(model, cfg, seed)
+  return model

@@ -28,6 +28,15 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("norm", None),
     ("expert", "expert"),
     ("router_logits", None),
+    # memory layers: value tables are column-sharded over `memory` (spec
+    # section 5); rows, keys and the small projections' memory side are not
+    ("memory_rows", None),
+    ("memory_value", "memory"),
+    ("memory_heads", None),
+    ("memory_keys", None),
+    ("memory_key_dim", None),
+    ("memory_rank", None),
+    ("memory_slots", None),
 )
 
 RULES = dict(LOGICAL_AXIS_RULES)

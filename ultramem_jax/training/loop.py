@@ -202,7 +202,7 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
 
     t0 = time.perf_counter()
     first = shard_batch(next(data_iter), sharding)
-    train_step = make_train_step(graphdef).lower(state, first).compile()
+    train_step = make_train_step(graphdef, cfg.train.log_every).lower(state, first).compile()
     say(f"compiled the train step in {time.perf_counter() - t0:.1f}s")
 
     writer = ScalarWriter(paths.tensorboard, paths.root / METRICS_FILE,

@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 
 from ultramem_jax.model.common import AuxLoss, LayerMetric
+from ultramem_jax.model.memory import memory_utilisation, refresh_memory
 
 
 def token_losses(model: nnx.Module, batch: dict) -> jax.Array:
@@ -52,15 +53,21 @@ def loss_fn(model: nnx.Module, batch: dict) -> tuple[jax.Array, dict]:
   return total, {"loss": ce, "total_loss": total, **aux, **layers}
 
 
-def make_train_step(graphdef: nnx.GraphDef) -> Callable:
+def make_train_step(graphdef: nnx.GraphDef, usage_window: int = 100) -> Callable:
   """(state, batch) -> (state, metrics); state is donated. Metrics hold
-  'loss', 'total_loss', 'grad_norm', 'aux/*' and 'layers/*'."""
+  'loss', 'total_loss', 'grad_norm', 'aux/*' and 'layers/*'.
+
+  After the update, memory layers recompute their Tucker vectors u, v from
+  the updated cores (outside the gradient) and report the fraction of their
+  rows read in the last `usage_window` steps (``slot_utilisation``)."""
 
   def train_step(state: nnx.State, batch: dict):
     model, optimizer = nnx.merge(graphdef, state)
     (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
     metrics["grad_norm"] = optax.global_norm(grads)
     optimizer.update(model, grads)
+    refresh_memory(model)
+    metrics.update(memory_utilisation(model, usage_window))
     return nnx.state((model, optimizer)), metrics
 
   return jax.jit(train_step, donate_argnums=0)
