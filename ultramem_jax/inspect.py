@@ -34,6 +34,7 @@ import jax
 from flax import nnx
 
 from ultramem_jax.config import Config, ConfigError, load_config
+from ultramem_jax.memory_geometry import memory_geometry
 from ultramem_jax.model.transformer import Transformer
 from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh
 
@@ -69,18 +70,20 @@ def inspect_config(cfg: Config) -> dict:
 
   activated_blocks, block_matrix_flops = 0, 0
   for block in model.blocks:
-    ffn = block.ffn
     other = [block.attn, block.attn_norm, block.ffn_norm]
     activated_blocks += sum(_count(nnx.state(x, nnx.Param)) for x in other)
     block_matrix_flops += 2 * _matrix_count(nnx.state(block.attn, nnx.Param))
-    if hasattr(ffn, "activated_param_count"):
-      activated_blocks += ffn.activated_param_count()
-    else:
-      activated_blocks += _count(nnx.state(ffn, nnx.Param))
-    if hasattr(ffn, "flops_per_token"):
-      block_matrix_flops += ffn.flops_per_token()
-    else:
-      block_matrix_flops += 2 * _matrix_count(nnx.state(ffn, nnx.Param))
+    for layer in (block.ffn, block.memory):
+      if layer is None:
+        continue
+      if hasattr(layer, "activated_param_count"):
+        activated_blocks += layer.activated_param_count()
+      else:
+        activated_blocks += _count(nnx.state(layer, nnx.Param))
+      if hasattr(layer, "flops_per_token"):
+        block_matrix_flops += layer.flops_per_token()
+      else:
+        block_matrix_flops += 2 * _matrix_count(nnx.state(layer, nnx.Param))
   activated_non_embedding = activated_blocks + d  # + the final norm
   attention_flops = 4 * m.n_layers * cfg.data.seq_len * m.n_heads * m.attn_head_dim
   head_flops = 2 * vocab * d
@@ -98,7 +101,32 @@ def inspect_config(cfg: Config) -> dict:
       "n_layers": m.n_layers,
       "seq_len": cfg.data.seq_len,
       "ffn_kind": m.ffn.kind,
+      **_memory_summary(model, cfg),
   }
+
+
+def _memory_summary(model: Transformer, cfg: Config) -> dict:
+  """Sizes of the memory layers, if any (``memory`` key)."""
+  geo = memory_geometry(cfg.model)
+  if not geo.placement:
+    return {}
+  mem = cfg.model.memory
+  tables = [b.memory.table for b in model.blocks
+            if b.memory is not None and b.memory.table is not None]
+  if model.memory_table is not None:
+    tables.append(model.memory_table)
+  table_params = sum(_count(nnx.state(t, nnx.Param)) for t in tables)
+  return {"memory": {
+      "layers": [f"{s}:{t}" if s != t else str(s) for s, t in geo.placement],
+      "keys_per_side": geo.keys_per_side,
+      "value_blocks": geo.blocks,
+      "table_rows": geo.table_rows,
+      "tables": len(tables),
+      "table_params": table_params,
+      "rows_read_per_token_per_layer": mem.heads * mem.top_m,
+      "value_dim": cfg.model.value_dim,
+      "pre_value_dim": mem.pre_value_dim,
+  }}
 
 
 def main(argv: list[str] | None = None) -> int:
