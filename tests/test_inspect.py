@@ -76,8 +76,12 @@ def test_cli_reports_config_errors():
 @pytest.mark.parametrize("path,active,total,tol", [
     ("configs/paper/moe_227m.yaml", 228e6, 1.18e9, 0.03),
     ("configs/paper/moe_1b7b.yaml", 1.07e9, 6.71e9, 0.10),
+    ("configs/paper/ultramem_v2_227m.yaml", 225e6, 1.18e9, 0.03),
+    ("configs/paper/ultramem_227m.yaml", 225e6, 1.18e9, 0.03),
+    ("configs/paper/memory_plus_227m.yaml", 228e6, 1.19e9, 0.03),
+    ("configs/paper/ultramem_v2_1b7b.yaml", 1.08e9, 6.70e9, 0.10),
 ])
-def test_paper_moe_configs_match_table_10(path, active, total, tol):
+def test_paper_configs_match_table_10(path, active, total, tol):
   """Spec section 3's convention: total excludes embedding and output
   matrices; active adds one vocab x d matrix at 227M, none at 1B/7B."""
   out = inspect_config(load_config(path))
@@ -99,3 +103,62 @@ def test_moe_activated_counts_exactly_top_k_experts_and_router():
   assert moe["activated_non_embedding_params"] == expected
   assert moe["non_embedding_params"] == dense["non_embedding_params"] \
       - L * 3 * d * 384 + L * (d * E + E * 3 * d * f)
+
+
+def memory_formula(d, dk, r, hc, heads, q_heads, ns, dp, dv, e, m, proj_p=True,
+                   proj_o=True, gate=False):
+  """(params outside the table, activated params) of one memory layer, from
+  the widths (spec section 2's parameter list)."""
+  own = d * q_heads * 2 * r * dk + 2 * dk + heads * 2 * ns * dk * r
+  own += hc * heads * r * r if hc else 0
+  own += d * dp if dp and proj_p else 0
+  own += e * dv * d if proj_o else 0
+  own += d * e * dv if gate else 0
+  return own, own + heads * m * (dv + dp)
+
+
+def test_memory_counts_match_formula():
+  v2 = inspect_config(load_config("configs/tiny_ultramem_v2.yaml"))
+  dense = inspect_config(load_config("configs/tiny_dense.yaml"))
+  own, act = memory_formula(128, 64, 2, 2, 1, 1, 90, 64, 64, 1, 16)
+  ffn_delta = 4 * 3 * 128 * (212 - 384)
+  assert v2["activated_non_embedding_params"] == \
+      dense["activated_non_embedding_params"] + ffn_delta + 4 * act
+  assert v2["non_embedding_params"] == dense["non_embedding_params"] + ffn_delta \
+      + 4 * (own + 90 * 90 * (64 + 64))
+  assert v2["memory"]["table_params"] == 4 * 8100 * 128
+
+  v1 = inspect_config(load_config("configs/tiny_ultramem.yaml"))
+  # Two skip layers, 2 heads sharing a query, E = 4: 2 * 180 keys per side.
+  own, act = memory_formula(128, 32, 2, 2, 2, 1, 360, 0, 64, 4, 16)
+  ffn_delta = 4 * 3 * 128 * (218 - 384)
+  assert v1["activated_non_embedding_params"] == \
+      dense["activated_non_embedding_params"] + ffn_delta + 2 * act
+  assert v1["non_embedding_params"] == dense["non_embedding_params"] + ffn_delta \
+      + 2 * (own + 180 * 180 * 64)
+
+  mp = inspect_config(load_config("configs/tiny_memory_plus.yaml"))
+  # One shared table of 2 * 126^2 rows; 178 keys per side; FFN replaced.
+  own, act = memory_formula(128, 32, 1, 0, 2, 2, 178, 0, 128, 1, 16, gate=True)
+  assert mp["memory"]["keys_per_side"] == 178 and mp["memory"]["tables"] == 1
+  assert mp["non_embedding_params"] == dense["non_embedding_params"] \
+      + 2 * 3 * 128 * 612 - 4 * 3 * 128 * 384 + 2 * own + 2 * 126 ** 2 * 128
+
+
+@pytest.mark.parametrize("path,total_tol", [
+    ("configs/tiny_ultramem_v2.yaml", 0.005), ("configs/tiny_ultramem.yaml", 0.005),
+    ("configs/tiny_memory_plus.yaml", 0.02), ("configs/tiny_pkm.yaml", 0.02),
+    ("configs/tiny_peer.yaml", 0.03)])
+def test_small_memory_configs_are_matched_to_tiny_moe(path, total_tol):
+  """configs/README.md: the sparse CPU configs match tiny_moe in activated
+  (0.1%) and total non-embedding parameters; tiny_dense matches the
+  activated count but for the MoE's router (4 x 128 x 64)."""
+  moe = inspect_config(load_config("configs/tiny_moe.yaml"))
+  out = inspect_config(load_config(path))
+  assert out["activated_non_embedding_params"] == pytest.approx(
+      moe["activated_non_embedding_params"], rel=0.001)
+  assert out["non_embedding_params"] == pytest.approx(
+      moe["non_embedding_params"], rel=total_tol)
+  dense = inspect_config(load_config("configs/tiny_dense.yaml"))
+  assert dense["activated_non_embedding_params"] + 4 * 128 * 64 == \
+      moe["activated_non_embedding_params"]

@@ -79,8 +79,9 @@ class MemoryConfig:
 
   # Where memory layers sit. "" (none), "all" (every block, in parallel with
   # its FFN), "1,3" (those blocks), or skip pairs "2:5/6:9": a layer reads
-  # block 2's normalised FFN input and adds its output after block 5.
-  layers: str = ""
+  # block 2's normalised FFN input and adds its output after block 5. Quote
+  # pairs in YAML: an unquoted 2:5 is the base-60 number 125 to YAML 1.1.
+  layers: str | int = ""
   # Drop the dense FFN of the blocks whose input a memory layer reads
   # (Memory+, PKM, PEER) instead of running both in parallel (UltraMem).
   replace_ffn: bool = False
@@ -152,7 +153,7 @@ class MemoryConfig:
 
   @property
   def enabled(self) -> bool:
-    return bool(self.layers.strip())
+    return bool(str(self.layers).strip())
 
   @property
   def k(self) -> int:
@@ -499,7 +500,9 @@ def _validate_memory(m: ModelConfig) -> None:
   try:
     geo = memory_geometry(m)
   except PlacementError as e:
-    raise ConfigError(f"{k}.layers: got {mem.layers!r}; {e}") from None
+    hint = ("; quote skip pairs in YAML (an unquoted 2:5 reads as the number "
+            "125)" if isinstance(mem.layers, int) else "")
+    raise ConfigError(f"{k}.layers: got {mem.layers!r}; {e}{hint}") from None
   if not geo.placement:
     return
   for key in ("heads", "n_keys", "key_dim", "tucker_rank", "tucker_cores",

@@ -15,7 +15,7 @@ class PlacementError(ValueError):
   """``model.memory.layers`` cannot be parsed or names blocks that don't exist."""
 
 
-def parse_placement(text: str, n_layers: int) -> list[tuple[int, int]]:
+def parse_placement(text: str | int, n_layers: int) -> list[tuple[int, int]]:
   """``model.memory.layers`` as (source block, destination block) pairs.
 
   ``""``: none. ``"all"``: every block, (i, i). ``"1,3"``: those blocks.
@@ -23,7 +23,7 @@ def parse_placement(text: str, n_layers: int) -> list[tuple[int, int]]:
   adding their output after block 5 (UltraMem v1). Pairs are sorted by
   source block; a block is the source of at most one memory layer.
   """
-  text = text.strip()
+  text = str(text).strip()
   if not text:
     return []
   if text == "all":
