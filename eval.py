@@ -58,6 +58,7 @@ def evaluate_loss(run_dir: pathlib.Path, step: int | None,
   mesh = make_mesh(cfg.mesh)
   with use_mesh(mesh):
     graphdef, state = create_state(cfg)
+    checkpointer.check_shapes(step, abstract_like(state))
     state, _ = checkpointer.restore(step, abstract_like(state))
     loss, tokens = evaluate(make_eval_step(graphdef), state, data.val_rows,
                             cfg.data.batch_size, batch_sharding(mesh))

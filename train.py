@@ -1,4 +1,9 @@
-"""Train a model: python train.py --config configs/tiny_dense.yaml [key=value ...]"""
+"""Train a model: python train.py --config configs/tiny_dense.yaml [key=value ...]
+
+Exit status: 0 when training finished or was stopped by SIGTERM/SIGINT
+(with a checkpoint saved; run the same command to resume), 2 for a bad
+config or bad data (nothing was trained), 3 when training diverged.
+"""
 
 from __future__ import annotations
 
@@ -18,11 +23,20 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     cfg = load_config(args.config, args.overrides)
-    from ultramem_jax.training.loop import train  # imports JAX: after the checks
+    # JAX is imported only after the config checks.
+    from ultramem_jax.training.health import Diverged  # noqa: PLC0415
+    from ultramem_jax.training.loop import train  # noqa: PLC0415
+  except (ConfigError, DataError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  try:
     train(cfg)
   except (ConfigError, DataError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except Diverged as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 3
   return 0
 
 

@@ -225,6 +225,9 @@ class DataConfig:
   # Keep only the first N documents of the source (after a seeded shuffle);
   # 0 keeps all. Handy for quick experiments.
   max_documents: int = 0
+  # A user file that is not valid UTF-8: "error" stops with the file and
+  # byte offset; "skip" leaves the file out and reports how many were.
+  on_decode_error: Literal["error", "skip"] = "error"
 
 
 @dataclasses.dataclass
@@ -272,8 +275,21 @@ class TrainConfig:
   # Validation batches per evaluation; 0 evaluates the whole validation split.
   eval_batches: int = 0
   checkpoint_every: int = 100
+  # Checkpoints kept; at least 2, so a damaged latest one has a predecessor.
   max_to_keep: int = 3
   progress_bar: bool = True
+  # A run directory trained with a different model or data config is
+  # refused; true moves it aside (to <run_dir>.replaced-<time>) and starts
+  # fresh. Nothing is deleted either way.
+  overwrite: bool = False
+  # Steps whose loss or gradient norm is not finite are skipped (no update);
+  # this many in a row stop the run, keeping the last good checkpoint.
+  max_skipped_steps: int = 10
+  # A training loss above spike_factor x the mean of the last 100 is logged
+  # as a spike (train/loss_spike); 0 disables.
+  spike_factor: float = 3.0
+  # Fault injection for tests: comma-separated steps whose loss is made NaN.
+  fault_nan_steps: str | int = ""
 
 
 @dataclasses.dataclass
@@ -492,6 +508,12 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"{key}: got {value!r}; {allowed}")
 
 
+def fault_steps(t: TrainConfig) -> frozenset[int]:
+  """The steps of ``train.fault_nan_steps``."""
+  text = str(t.fault_nan_steps).strip()
+  return frozenset(int(x) for x in text.split(",")) if text else frozenset()
+
+
 def _validate_memory(m: ModelConfig) -> None:
   """Memory-layer shapes that cannot work, named by key."""
   from ultramem_jax.memory_geometry import PlacementError, memory_geometry
@@ -566,8 +588,19 @@ def validate(cfg: Config) -> None:
                      ("train.log_every", t.log_every),
                      ("train.eval_every", t.eval_every),
                      ("train.checkpoint_every", t.checkpoint_every),
-                     ("train.max_to_keep", t.max_to_keep)]:
+                     ("train.max_to_keep", t.max_to_keep),
+                     ("train.max_skipped_steps", t.max_skipped_steps)]:
     _require(value > 0, key, value, "must be a positive integer")
+  _require(t.max_to_keep >= 2, "train.max_to_keep", t.max_to_keep,
+           "must be at least 2, so that a damaged latest checkpoint has a "
+           "predecessor to fall back on")
+  _require(t.spike_factor == 0 or t.spike_factor > 1, "train.spike_factor",
+           t.spike_factor, "must be 0 (off) or greater than 1")
+  try:
+    fault_steps(t)
+  except ValueError:
+    raise ConfigError(f"train.fault_nan_steps: got {t.fault_nan_steps!r}; "
+                      "expected comma-separated step numbers, e.g. '5,6'") from None
   for key, value in [("model.vocab_size", m.vocab_size),
                      ("model.n_kv_heads", m.n_kv_heads),
                      ("model.head_dim", m.head_dim),

@@ -283,11 +283,20 @@ def _read_jsonl(path: pathlib.Path, text_field: str) -> list[str]:
   return docs
 
 
-def _read_path(path: pathlib.Path, text_field: str) -> list[str]:
+def _read_path(path: pathlib.Path, text_field: str,
+               skipped: list[str] | None = None) -> list[str]:
+  """Documents under `path`. With a `skipped` list, files that are not
+  valid UTF-8 are left out and described there instead of raising."""
   if path.is_dir():
     files = sorted((p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file()),
            key=lambda p: p.relative_to(path).parts)
-    return [doc for f in files for doc in _read_path(f, text_field)]
+    return [doc for f in files for doc in _read_path(f, text_field, skipped)]
+  if skipped is not None:
+    try:
+      _decode(path.read_bytes(), str(path))
+    except DataError as e:
+      skipped.append(str(e))
+      return []
   if path.suffix == ".json":
     raise DataError(f"{path}: a .json file is not read as text; use JSON lines (.jsonl, one object per line "
             f"with a string field {text_field!r}) or rename it to .txt")
@@ -321,8 +330,9 @@ def _corpus_documents(spec: CorpusSpec, archive: pathlib.Path) -> list[str]:
 
 
 def load_documents(source: str, data_dir: str | os.PathLike[str] | None = None, *, text_field: str = "text",
-         downloader: Downloader | None = None) -> list[str]:
-  """Documents of a corpus name (see CORPORA) or of a .txt / .jsonl file or a directory of them."""
+         downloader: Downloader | None = None, skipped: list[str] | None = None) -> list[str]:
+  """Documents of a corpus name (see CORPORA) or of a .txt / .jsonl file or a directory of them.
+  With a `skipped` list, undecodable files are left out and described there."""
   path = pathlib.Path(source).expanduser()
   if source in CORPORA:
     docs = _corpus_documents(CORPORA[source], fetch_corpus(source, data_dir, downloader=downloader))
@@ -330,7 +340,7 @@ def load_documents(source: str, data_dir: str | os.PathLike[str] | None = None, 
     if not path.exists():
       raise DataError(f"data.source: {source!r} is neither a corpus name ({', '.join(CORPORA)}) "
               "nor an existing file or directory")
-    docs = _read_path(path, text_field)
+    docs = _read_path(path, text_field, skipped)
   docs = [d for d in docs if d.strip()]
   if not docs:
     kinds = f" (looked for {', '.join('*' + s for s in TEXT_SUFFIXES)} files)" if path.is_dir() else ""

@@ -39,8 +39,12 @@ def prepare_data(cfg: DataConfig, tokenizer: Tokenizer | None = None,
   """Loads `cfg.source`, splits it by document, tokenizes and packs both
   splits. Without a `tokenizer` (a resumed run passes its saved one), one is
   trained on the training split."""
+  skipped: list[str] | None = [] if cfg.on_decode_error == "skip" else None
   docs = corpora.load_documents(cfg.source, cfg.data_dir or None,
-                                text_field=cfg.text_field)
+                                text_field=cfg.text_field, skipped=skipped)
+  if skipped:
+    log(f"data: skipped {len(skipped)} file(s) that are not valid UTF-8 "
+        f"(data.on_decode_error=skip); first: {skipped[0]}")
   if cfg.max_documents and len(docs) > cfg.max_documents:
     keep = np.random.default_rng(cfg.split_seed).permutation(len(docs))
     docs = [docs[i] for i in sorted(keep[:cfg.max_documents].tolist())]

@@ -19,12 +19,17 @@ import jax
 import numpy as np
 import yaml
 
-from ultramem_jax.config import Config, ConfigError, save_config, to_dict
+import jax.numpy as jnp
+
+from ultramem_jax.config import Config, ConfigError, fault_steps, save_config, to_dict
 from ultramem_jax.data.pipeline import prepare_data, train_dataset
 from ultramem_jax.data.tokenizer import FILENAME as TOKENIZER_FILE
 from ultramem_jax.data.tokenizer import load_tokenizer
 from ultramem_jax.parallel.mesh import batch_sharding, make_mesh, mesh_shape, use_mesh
 from ultramem_jax.training.checkpoint import Checkpointer, abstract_like
+from ultramem_jax.training.guards import check_mesh_divides, check_writable
+from ultramem_jax.training.health import HealthMonitor
+from ultramem_jax.training.signals import StopRequest
 from ultramem_jax.training.metrics import (Progress, ScalarWriter, plot_losses,
                                            split_step_metrics)
 from ultramem_jax.training.evaluate import evaluate, shard_batch
@@ -66,10 +71,12 @@ class TrainResult:
   run_dir: pathlib.Path
   final_step: int
   losses: dict[int, float]          # training loss of every step run here
-  val_loss: float
+  val_loss: float                   # nan when stopped by a signal
   val_unigram_entropy: float
   tokens_per_sec: float
   wall_time_sec: float
+  stopped_by: str | None = None     # "SIGTERM" / "SIGINT" when preempted
+  skipped_steps: int = 0            # updates skipped for non-finite values
 
 
 def _first_difference(saved: dict, new: dict, prefix: str = "") -> str | None:
@@ -95,17 +102,22 @@ def latest_checkpoint_step(run_dir: pathlib.Path) -> int | None:
   return max(steps) if steps else None
 
 
-def check_run_dir(cfg: Config) -> int | None:
-  """Decides whether this run resumes; returns the step to resume from."""
+def check_run_dir(cfg: Config) -> tuple[int | None, bool]:
+  """Decides whether this run resumes: (step to resume from or None,
+  whether the existing directory is to be moved aside first, which only
+  ``train.overwrite=true`` allows)."""
   paths = RunPaths(pathlib.Path(cfg.train.run_dir))
   if paths.root.exists() and not paths.root.is_dir():
     raise ConfigError(f"train.run_dir: {str(paths.root)!r} exists and is not a directory")
   latest = latest_checkpoint_step(paths.root)
   if cfg.train.resume is False and latest is not None:
+    if cfg.train.overwrite:
+      return None, True
     raise ConfigError(
         f"train.resume: false, but train.run_dir={str(paths.root)!r} already "
         f"holds checkpoints (latest step {latest}); choose another "
-        "train.run_dir or set train.resume=true")
+        "train.run_dir, set train.resume=true, or set train.overwrite=true to "
+        "move the old run aside")
   if cfg.train.resume is True and latest is None:
     raise ConfigError(
         f"train.resume: true, but train.run_dir={str(paths.root)!r} holds no "
@@ -120,10 +132,19 @@ def check_run_dir(cfg: Config) -> int | None:
         new_section["vocab_size"] = saved_section.get("vocab_size", 0)
       diff = _first_difference(saved_section, new_section, section)
       if diff:
+        if cfg.train.overwrite and cfg.train.resume is not True:
+          return None, True
         raise ConfigError(
             f"{diff}; train.run_dir={str(paths.root)!r} was trained with a "
-            "different config; use another train.run_dir")
-  return latest
+            "different config; use another train.run_dir, or set "
+            "train.overwrite=true to move the old run aside")
+  return latest, False
+
+
+def _move_aside(root: pathlib.Path) -> pathlib.Path:
+  dest = root.with_name(f"{root.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+  root.rename(dest)
+  return dest
 
 
 def _resolve_vocab(cfg: Config, vocab_size: int) -> Config:
@@ -148,7 +169,11 @@ def _check_batch(cfg: Config, mesh_sizes: dict[str, int]) -> None:
 def train(cfg: Config, *, stop_at_step: int | None = None,
           log: Callable[[str], None] | None = None) -> TrainResult:
   """Trains `cfg` to `cfg.train.steps` (or stops after `stop_at_step`,
-  saving a checkpoint there), resuming from `cfg.train.run_dir` if asked."""
+  saving a checkpoint there), resuming from `cfg.train.run_dir` if asked.
+
+  SIGTERM / SIGINT stop it after the current step with a checkpoint (see
+  training/signals.py); too many non-finite steps in a row raise
+  ``health.Diverged`` with the checkpoints left as they were."""
   t_start = time.perf_counter()
   log = log or (lambda s: print(s, file=sys.stdout, flush=True))
   say = log
@@ -158,14 +183,18 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
   # --- checks that need nothing built ---
   sizes = dict(zip(cfg.mesh.axis_names, mesh_shape(cfg.mesh, jax.device_count())))
   _check_batch(cfg, sizes)
-  resume_step = check_run_dir(cfg)
+  check_writable(paths.root)
+  resume_step, replace = check_run_dir(cfg)
   tokenizer = None
   if resume_step is not None and paths.tokenizer.exists():
     tokenizer = load_tokenizer(paths.tokenizer)
   data = prepare_data(cfg.data, tokenizer=tokenizer, log=say)
   cfg = _resolve_vocab(cfg, data.tokenizer.vocab_size)
+  check_mesh_divides(cfg, sizes)
 
   # --- from here on the run directory is written ---
+  if replace and is_main:
+    say(f"train.overwrite: moved the previous run to {_move_aside(paths.root)}")
   paths.root.mkdir(parents=True, exist_ok=True)
   if is_main:
     save_config(cfg, paths.config)
@@ -175,7 +204,7 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
   say(f"mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} "
       f"device(s), {jax.process_count()} process(es)")
 
-  with use_mesh(mesh):
+  with use_mesh(mesh), StopRequest(log) as stop:
     graphdef, state = create_state(cfg)
     say(f"model: {param_count(state):,} parameters; data: {data.stats}")
 
@@ -186,13 +215,23 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
     checkpointer = Checkpointer(paths.checkpoints, cfg.train.max_to_keep)
     step = 0
     if resume_step is not None:
-      state, _ = checkpointer.restore(resume_step, abstract_like(state), data_iter)
-      step = resume_step
-      say(f"resumed from {paths.checkpoints / str(step)}")
+      found = checkpointer.restore_latest(abstract_like(state), data_iter, log=say)
+      if found is None:
+        say("no readable checkpoint left; starting from step 0")
+      else:
+        step, state, _ = found
+        say(f"resumed from {paths.checkpoints / str(step)}")
 
     sharding = batch_sharding(mesh)
     schedule = lr_schedule(cfg.optimizer, cfg.train.steps)
     eval_step = make_eval_step(graphdef)
+    faults = fault_steps(cfg.train)
+
+    def next_batch(at_step: int) -> dict:
+      batch = shard_batch(next(data_iter), sharding)
+      if faults:  # the test hook: a NaN objective at the chosen steps
+        batch["nan_fault"] = jnp.float32(math.nan if at_step in faults else 0.0)
+      return batch
 
     def validate(at_step: int) -> float:
       val, _ = evaluate(eval_step, state, data.val_rows, cfg.data.batch_size,
@@ -201,12 +240,13 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
       return val
 
     t0 = time.perf_counter()
-    first = shard_batch(next(data_iter), sharding)
+    first = next_batch(step + 1)
     train_step = make_train_step(graphdef, cfg.train.log_every).lower(state, first).compile()
     say(f"compiled the train step in {time.perf_counter() - t0:.1f}s")
 
     writer = ScalarWriter(paths.tensorboard, paths.root / METRICS_FILE,
                           enabled=is_main)
+    health = HealthMonitor(cfg.train.max_skipped_steps, cfg.train.spike_factor)
     progress = Progress(cfg.train.steps, step, cfg.train.progress_bar)
     say = progress.write if cfg.train.progress_bar else log
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
@@ -216,54 +256,95 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
     t_interval, steps_in_interval = time.perf_counter(), 0
     batch = first
     end = cfg.train.steps if stop_at_step is None else min(stop_at_step, cfg.train.steps)
+    saved_at = step
 
-    while step < end:
-      if batch is None:
-        batch = shard_batch(next(data_iter), sharding)
-      state, metrics = train_step(state, batch)
-      batch = None
-      step += 1
-      steps_in_interval += 1
-      pending.append((step, metrics))
-      if step % cfg.train.log_every == 0 or step == end:
-        fetched = jax.device_get(pending)
-        pending = []
-        elapsed = time.perf_counter() - t_interval
-        rate = tokens_per_step * steps_in_interval / max(elapsed, 1e-9)
-        rates.append(rate)
-        for s, m in fetched:
-          losses[s] = float(m["loss"])
-          scalars, vectors = split_step_metrics(m)
-          writer.write(s, {**scalars, "train/lr": float(schedule(s - 1))})
-          for tag, values in vectors.items():
-            writer.histogram(s, tag, values)
-        writer.write(step, {"train/tokens_per_sec": rate})
-        progress.update(steps_in_interval, loss=losses[step], tok_s=f"{rate:,.0f}")
-        t_interval, steps_in_interval = time.perf_counter(), 0
-      if step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-        say(f"step {step}: validation loss {validate(step):.4f}")
-        t_interval = time.perf_counter()
-      if step % cfg.train.checkpoint_every == 0 or step == end:
-        checkpointer.save(step, state, data_iter,
-                          {"config": to_dict(cfg), "step": step,
-                           "loss": losses.get(step)})
-    progress.close()
-    say = log
+    def flush() -> None:
+      """Writes the pending steps' metrics; judges their health."""
+      nonlocal pending, t_interval, steps_in_interval
+      if not pending:
+        return
+      fetched = jax.device_get(pending)
+      pending = []
+      elapsed = time.perf_counter() - t_interval
+      rate = tokens_per_step * steps_in_interval / max(elapsed, 1e-9)
+      rates.append(rate)
+      for s, m in fetched:
+        losses[s] = float(m["loss"])
+        scalars, vectors = split_step_metrics(m)
+        writer.write(s, {**scalars, "train/lr": float(schedule(s - 1))})
+        for tag, values in vectors.items():
+          writer.histogram(s, tag, values)
+        message, spike = health.observe(s, losses[s], bool(m["skipped"]))
+        if spike:
+          writer.write(s, {"train/loss_spike": spike})
+        if message:
+          say(message)
+      last = fetched[-1][0]
+      writer.write(last, {"train/tokens_per_sec": rate})
+      progress.update(steps_in_interval, loss=losses[last], tok_s=f"{rate:,.0f}")
+      t_interval, steps_in_interval = time.perf_counter(), 0
 
+    def save(at_step: int) -> None:
+      nonlocal saved_at
+      checkpointer.save(at_step, state, data_iter,
+                        {"config": to_dict(cfg), "step": at_step,
+                         "loss": losses.get(at_step)})
+      saved_at = at_step
+
+    try:
+      while step < end and not stop.requested:
+        if batch is None:
+          batch = next_batch(step + 1)
+        state, metrics = train_step(state, batch)
+        batch = None
+        step += 1
+        steps_in_interval += 1
+        pending.append((step, metrics))
+        if step % cfg.train.log_every == 0 or step == end or stop.requested:
+          flush()
+        if stop.requested:
+          break
+        if step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+          say(f"step {step}: validation loss {validate(step):.4f}")
+          t_interval = time.perf_counter()
+        if step % cfg.train.checkpoint_every == 0 or step == end:
+          save(step)
+      if stop.requested and saved_at != step:
+        flush()
+        save(step)
+    except BaseException:
+      writer.close()
+      raise
+    finally:
+      progress.close()
+      say = log
+      checkpointer.wait()
+      checkpointer.close()
+
+    if stop.requested:
+      writer.close()
+      say(f"stopped by {stop.signal_name} after step {step}; checkpoint saved in "
+          f"{paths.checkpoints / str(step)}; run the same command to resume")
+      return TrainResult(
+          run_dir=paths.root, final_step=step, losses=losses,
+          val_loss=math.nan, val_unigram_entropy=data.val_unigram_entropy,
+          tokens_per_sec=float(np.median(rates)) if rates else 0.0,
+          wall_time_sec=time.perf_counter() - t_start,
+          stopped_by=stop.signal_name, skipped_steps=health.total_skipped)
     val = validate(step)
     writer.close()
-    checkpointer.wait()
-    checkpointer.close()
 
   result = TrainResult(
       run_dir=paths.root, final_step=step, losses=losses, val_loss=val,
       val_unigram_entropy=data.val_unigram_entropy,
       tokens_per_sec=float(np.median(rates[1:] or rates)) if rates else 0.0,
-      wall_time_sec=time.perf_counter() - t_start)
+      wall_time_sec=time.perf_counter() - t_start,
+      skipped_steps=health.total_skipped)
   if is_main:
     summary = {"step": step, "val_loss": val, "val_perplexity": math.exp(val),
                "val_unigram_entropy": result.val_unigram_entropy,
                "tokens_per_sec": result.tokens_per_sec,
+               "skipped_steps": result.skipped_steps,
                "wall_time_sec": result.wall_time_sec, "data": data.stats}
     (paths.root / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     plot_losses(paths.root / METRICS_FILE, paths.root / PLOT_FILE,

@@ -31,6 +31,7 @@ class ScalarWriter:
     self._writer.add_event(event_pb2.Event(
         step=step, wall_time=time.time(), summary=summary_pb2.Summary(value=values)))
     self._jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
+    self._jsonl.flush()  # readable while the run goes on (tail -f, tests)
 
   def histogram(self, step: int, tag: str, values) -> None:
     """A TensorBoard histogram of `values` (e.g. the load of every expert)."""

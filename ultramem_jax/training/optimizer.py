@@ -77,4 +77,7 @@ def make_optimizer(model: nnx.Module, cfg: OptimizerConfig,
                              label_tree)
   if cfg.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
+  # Non-finite gradients leave parameters and moments untouched; the loop
+  # counts such steps and stops after train.max_skipped_steps in a row.
+  tx = optax.apply_if_finite(tx, max_consecutive_errors=2 ** 30)
   return nnx.Optimizer(model, tx, wrt=nnx.Param)

@@ -50,12 +50,16 @@ def loss_fn(model: nnx.Module, batch: dict) -> tuple[jax.Array, dict]:
     aux[name] = aux.get(name, 0.0) + value
   layers = {f"layers/{k}": v for k, v in pop_sown(model, LayerMetric).items()}
   total = ce + sum(aux.values())
+  if "nan_fault" in batch:  # train.fault_nan_steps: NaN there, 0 elsewhere
+    total = total * (1.0 + batch["nan_fault"])
   return total, {"loss": ce, "total_loss": total, **aux, **layers}
 
 
 def make_train_step(graphdef: nnx.GraphDef, usage_window: int = 100) -> Callable:
   """(state, batch) -> (state, metrics); state is donated. Metrics hold
-  'loss', 'total_loss', 'grad_norm', 'aux/*' and 'layers/*'.
+  'loss', 'total_loss', 'grad_norm', 'skipped' (1 when the objective or the
+  gradient norm was not finite and the update was skipped), 'aux/*' and
+  'layers/*'.
 
   After the update, memory layers recompute their Tucker vectors u, v from
   the updated cores (outside the gradient) and report the fraction of their
@@ -63,8 +67,14 @@ def make_train_step(graphdef: nnx.GraphDef, usage_window: int = 100) -> Callable
 
   def train_step(state: nnx.State, batch: dict):
     model, optimizer = nnx.merge(graphdef, state)
-    (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    (total, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
+    # A non-finite objective poisons the gradients, so the optimizer's
+    # apply_if_finite wrapper skips this update (see training/optimizer.py).
+    poison = jnp.where(jnp.isfinite(total), 0.0, jnp.nan)
+    grads = jax.tree.map(lambda g: g + poison.astype(g.dtype), grads)
+    grad_norm = optax.global_norm(grads)
+    metrics["grad_norm"] = grad_norm
+    metrics["skipped"] = (~jnp.isfinite(grad_norm)).astype(jnp.int32)
     optimizer.update(model, grads)
     refresh_memory(model)
     metrics.update(memory_utilisation(model, usage_window))

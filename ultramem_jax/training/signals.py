@@ -1,0 +1,49 @@
+"""Graceful preemption: the first SIGTERM or SIGINT asks the loop to stop
+after the current step (it then saves a checkpoint, flushes its logs and
+returns); a second one exits at once. Orbax makes a checkpoint visible only
+when it is complete, so exiting mid-save leaves the previous one intact."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Callable
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopRequest:
+  """Installs the handlers while in use (``with StopRequest(log) as stop``);
+  ``stop.signal_name`` is None until a signal arrives."""
+
+  def __init__(self, log: Callable[[str], None]):
+    self._log = log
+    self.signal_name: str | None = None
+    self._previous: dict[int, object] = {}
+
+  def __enter__(self) -> "StopRequest":
+    if threading.current_thread() is threading.main_thread():
+      for sig in SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous.clear()
+
+  def _handle(self, signum: int, frame) -> None:
+    name = signal.Signals(signum).name
+    if self.signal_name is not None:
+      # os.write: safe inside a signal handler, unlike buffered printing.
+      os.write(2, f"\nreceived {name} again: exiting now; the last complete "
+                  "checkpoint is intact\n".encode())
+      os._exit(128 + signum)
+    self.signal_name = name
+    os.write(2, f"\nreceived {name}: finishing the current step, then saving a "
+                "checkpoint (send it again to exit at once)\n".encode())
+
+  @property
+  def requested(self) -> bool:
+    return self.signal_name is not None
