@@ -50,11 +50,15 @@ Downloader = Callable[[CorpusSpec, pathlib.Path], pathlib.Path]
 
 # ----------------------------------------------------------------------------- extractors
 
+class DecodeError(DataError):
+  """Bytes that are not valid UTF-8; the message names the place and offset."""
+
+
 def _decode(data: bytes, where: str) -> str:
   try:
     return data.decode("utf-8").removeprefix("\ufeff")
   except UnicodeDecodeError as e:
-    raise DataError(f"{where}: not valid UTF-8 at byte offset {e.start} ({e.reason})") from None
+    raise DecodeError(f"{where}: not valid UTF-8 at byte offset {e.start} ({e.reason})") from None
 
 
 def _wiki_documents(archive: pathlib.Path) -> list[str]:
@@ -291,16 +295,16 @@ def _read_path(path: pathlib.Path, text_field: str,
     files = sorted((p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file()),
            key=lambda p: p.relative_to(path).parts)
     return [doc for f in files for doc in _read_path(f, text_field, skipped)]
-  if skipped is not None:
-    try:
-      _decode(path.read_bytes(), str(path))
-    except DataError as e:
-      skipped.append(str(e))
-      return []
   if path.suffix == ".json":
     raise DataError(f"{path}: a .json file is not read as text; use JSON lines (.jsonl, one object per line "
             f"with a string field {text_field!r}) or rename it to .txt")
-  return _read_jsonl(path, text_field) if path.suffix == ".jsonl" else _read_text_file(path)
+  try:
+    return _read_jsonl(path, text_field) if path.suffix == ".jsonl" else _read_text_file(path)
+  except DecodeError as e:
+    if skipped is None:
+      raise
+    skipped.append(str(e))
+    return []
 
 
 def _write_atomic(path: pathlib.Path, text: str) -> None:

@@ -52,6 +52,20 @@ class LayerMetric(nnx.Intermediate):
   a scalar, or a vector such as per-expert load."""
 
 
+def acc_dtype(dtype) -> jnp.dtype:
+  """Norms and scores are computed in float32, or float64 for float64 inputs."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, axis: int = -1) -> jax.Array:
+  """x / rms(x) * scale over `axis`, in float32 (or wider)."""
+  x = x.astype(acc_dtype(x.dtype))
+  inv = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=axis, keepdims=True) + eps)
+  shape = [1] * x.ndim
+  shape[axis] = -1
+  return x * inv * scale.astype(x.dtype).reshape(shape)
+
+
 class RMSNorm(nnx.Module):
   """y = x / rms(x) * scale, computed in float32."""
 
@@ -62,6 +76,4 @@ class RMSNorm(nnx.Module):
                        dtype_of(cfg.param_dtype))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    inv = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return (x32 * inv * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+    return rms_norm(x, self.scale[...], self.eps).astype(self.dtype)

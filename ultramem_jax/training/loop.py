@@ -16,10 +16,9 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import yaml
-
-import jax.numpy as jnp
 
 from ultramem_jax.config import Config, ConfigError, fault_steps, save_config, to_dict
 from ultramem_jax.data.pipeline import prepare_data, train_dataset
@@ -322,16 +321,11 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
       checkpointer.close()
 
     if stop.requested:
-      writer.close()
+      val = math.nan
       say(f"stopped by {stop.signal_name} after step {step}; checkpoint saved in "
           f"{paths.checkpoints / str(step)}; run the same command to resume")
-      return TrainResult(
-          run_dir=paths.root, final_step=step, losses=losses,
-          val_loss=math.nan, val_unigram_entropy=data.val_unigram_entropy,
-          tokens_per_sec=float(np.median(rates)) if rates else 0.0,
-          wall_time_sec=time.perf_counter() - t_start,
-          stopped_by=stop.signal_name, skipped_steps=health.total_skipped)
-    val = validate(step)
+    else:
+      val = validate(step)
     writer.close()
 
   result = TrainResult(
@@ -339,7 +333,9 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
       val_unigram_entropy=data.val_unigram_entropy,
       tokens_per_sec=float(np.median(rates[1:] or rates)) if rates else 0.0,
       wall_time_sec=time.perf_counter() - t_start,
-      skipped_steps=health.total_skipped)
+      stopped_by=stop.signal_name, skipped_steps=health.total_skipped)
+  if stop.requested:
+    return result
   if is_main:
     summary = {"step": step, "val_loss": val, "val_perplexity": math.exp(val),
                "val_unigram_entropy": result.val_unigram_entropy,

@@ -13,19 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-
-def acc_dtype(dtype) -> jnp.dtype:
-  """Scores are computed in float32, or float64 for float64 inputs."""
-  return jnp.promote_types(dtype, jnp.float32)
-
-
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float, axis: int = -1) -> jax.Array:
-  """x / rms(x) * scale over `axis`, in float32 (or wider)."""
-  x = x.astype(acc_dtype(x.dtype))
-  inv = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=axis, keepdims=True) + eps)
-  shape = [1] * x.ndim
-  shape[axis] = -1
-  return x * inv * scale.astype(x.dtype).reshape(shape)
+from ultramem_jax.model.common import acc_dtype, rms_norm
 
 
 # --------------------------------------------------------------------------
