@@ -150,6 +150,12 @@ class MemoryConfig:
   core_penalty: float = 0.0
   core_penalty_tau: float = 0.15
   key_balance: float = 0.0
+  # Implementation of steps 2-3 and 6: "xla" (pure JAX, the reference and the
+  # CPU default), "pallas" (the kernels of pallas_kernels/: Mosaic on TPU,
+  # Triton on GPU, the interpreter on CPU, which is slow and for tests), or
+  # "auto" (Pallas on TPU and GPU, XLA on CPU). Not part of the model: a run
+  # may resume or be evaluated with another setting.
+  kernels: Literal["xla", "pallas", "auto"] = "auto"
 
   @property
   def enabled(self) -> bool:

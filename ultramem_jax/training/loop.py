@@ -127,8 +127,12 @@ def check_run_dir(cfg: Config) -> tuple[int | None, bool]:
     for section in FIXED_SECTIONS:
       saved_section = dict(saved.get(section, {}))
       new_section = dict(new[section])
-      if section == "model" and not new_section["vocab_size"]:
-        new_section["vocab_size"] = saved_section.get("vocab_size", 0)
+      if section == "model":
+        if not new_section["vocab_size"]:
+          new_section["vocab_size"] = saved_section.get("vocab_size", 0)
+        # How the memory layer is computed is not part of the model.
+        for memory in (saved_section.get("memory", {}), new_section["memory"]):
+          memory.pop("kernels", None)
       diff = _first_difference(saved_section, new_section, section)
       if diff:
         if cfg.train.overwrite and cfg.train.resume is not True:

@@ -21,14 +21,24 @@ from flax import nnx
 
 from ultramem_jax.config import ModelConfig
 from ultramem_jax.memory_geometry import memory_geometry
+from pallas_kernels import product_key_topk, value_read
 from ultramem_jax.model.common import (AuxLoss, LayerMetric, dtype_of,
-                                       linear_std, normal_param, param)
+                                       linear_std, normal_param, param, rms_norm)
 from ultramem_jax.model.memory import retrieval as R
 from ultramem_jax.model.memory.values import (ACTIVATIONS, pre_value_products,
                                               weighted_value_sum)
 
 # Stamp of a row never read (far outside any window).
 _NEVER = -(2 ** 30)
+
+
+def use_pallas(kernels: str) -> tuple[bool, bool]:
+  """``model.memory.kernels`` -> (use the Pallas kernels, interpret them).
+  ``auto`` picks Pallas on TPU and GPU; ``pallas`` on a CPU interprets."""
+  accelerator = jax.default_backend() in ("tpu", "gpu")
+  if kernels == "xla" or (kernels == "auto" and not accelerator):
+    return False, False
+  return True, not accelerator
 
 
 class MemoryBuffer(nnx.Variable):
@@ -103,6 +113,7 @@ class MemoryLayer(nnx.Module):
     self.softmax = mem.normalize_scores == "softmax"
     self.core_penalty_coef, self.core_penalty_tau = mem.core_penalty, mem.core_penalty_tau
     self.key_balance_coef = mem.key_balance
+    self.use_pallas, self.interpret = use_pallas(mem.kernels)
     paper = mem.init == "paper"
     lin = linear_std(cfg)
     ns, hq = geo.keys_per_side, 1 if mem.share_query else h
@@ -175,23 +186,46 @@ class MemoryLayer(nnx.Module):
 
   def retrieve(self, x: jax.Array) -> tuple[R.Retrieved, dict]:
     """Steps 1-4 for tokens x [N, d]; also returns the pre-filter scores
-    and picks (for the key-balance loss)."""
+    and picks (for the key-balance loss; the scores only when it is on)."""
     # 1. Queries: a row and a column query per rank (and per query head).
     q_row, q_col = R.queries(x, self.w_q[...], self.query_norm[...], self.eps,
                              heads=self.heads, per_rank=self.per_rank_queries)
-    # 2. Sub-key scores against the normalised keys.
-    s_row, s_col = R.subkey_scores(q_row, q_col, self.keys[...],
-                                   self.key_norm[...], self.eps)
-    # 3. Rank-1 pre-filter: a = u . S_row, b = v . S_col; top-K of each.
     u, v = (self.u[...], self.v[...]) if self.tucker else (None, None)
-    a, b = R.prefilter_scores(s_row, s_col, u, v)
-    sg = jax.lax.stop_gradient
-    _, top_rows = jax.lax.top_k(sg(a), self.k)
-    _, top_cols = jax.lax.top_k(sg(b), self.k)
+    pre = {}
+    if self.use_pallas:
+      # 2-3 fused: the kernel never writes the [N, ns] score rows.
+      (top_rows, r_sel), (top_cols, c_sel) = self._pallas_topk(q_row, q_col, u, v)
+    if not self.use_pallas or self.key_balance_coef > 0:
+      # 2. Sub-key scores against the normalised keys.
+      s_row, s_col = R.subkey_scores(q_row, q_col, self.keys[...],
+                                     self.key_norm[...], self.eps)
+      # 3. Rank-1 pre-filter: a = u . S_row, b = v . S_col; top-K of each.
+      pre["a"], pre["b"] = R.prefilter_scores(s_row, s_col, u, v)
+      if not self.use_pallas:
+        top_rows, r_sel = R.top_k_keys(pre["a"], s_row, self.k)
+        top_cols, c_sel = R.top_k_keys(pre["b"], s_col, self.k)
+    pre.update(top_rows=top_rows, top_cols=top_cols)
     # 4. Exact scores on the K x K grid with every core; keep the top m.
     cores = self.cores[...] if self.tucker else None
-    kept = R.grid_top_m(s_row, s_col, top_rows, top_cols, cores, self.top_m)
-    return kept, {"a": a, "b": b, "top_rows": top_rows, "top_cols": top_cols}
+    kept = R.grid_top_m(r_sel, c_sel, top_rows, top_cols, cores, self.top_m)
+    return kept, pre
+
+  def _pallas_topk(self, q_row, q_col, u, v):
+    """Steps 2-3 with ``pallas_kernels.product_key_topk``: one kernel group
+    per (head, side). Returns ((top_rows, r_sel), (top_cols, c_sel)) shaped
+    [N, H, K] and [N, H, K, r]."""
+    n, h, r, dk = q_row.shape
+    kn = rms_norm(self.keys[...], self.key_norm[...], self.eps, axis=3)
+    q = jnp.stack([q_row, q_col], axis=2)                     # [N, H, 2, r, Dk]
+    q = jnp.transpose(q, (1, 2, 0, 3, 4)).reshape(2 * h, n, r, dk)
+    keys = jnp.swapaxes(kn, 3, 4).reshape(2 * h, -1, r, dk)   # [2H, ns, r, Dk]
+    uv = (jnp.ones((h, 2, r), jnp.float32) if u is None
+          else jnp.stack([u, v], axis=1))
+    idx, scores = product_key_topk(q, keys.astype(q.dtype), uv.reshape(2 * h, r), self.k,
+                                   interpret=self.interpret)
+    idx = jnp.transpose(idx.reshape(h, 2, n, -1), (1, 2, 0, 3))     # [2, N, H, K]
+    scores = jnp.transpose(scores.reshape(h, 2, n, -1, r), (1, 2, 0, 3, 4))
+    return (idx[0], scores[0]), (idx[1], scores[1])
 
   # --------------------------------------------------------------- forward
 
@@ -217,12 +251,22 @@ class MemoryLayer(nnx.Module):
       w = jax.nn.softmax(w, axis=2)
     w = w.reshape(n, heads * m, -1)
     slots, blocks = slots.reshape(n, heads * m), blocks.reshape(n, heads * m)
+    z = None
     if self.pre_value_dim:
       z = x @ self.w_p[...].astype(dt) if self.pre_value_proj else x
-      a = pre_value_products(z, slots, table.pre_values[...])
-      w = w * ACTIVATIONS[self.activation](a)[..., None]
-    o = weighted_value_sum(slots, w, table.values[...], blocks=blocks,
-                           num_blocks=self.num_blocks, dtype=dt)
+    if self.use_pallas:
+      # The pre-value dot, its activation and the weighted sum in one pass.
+      o = value_read(slots, w, table.values[...], z=z,
+                     pre_values=table.pre_values[...] if z is not None else None,
+                     activation=self.activation, blocks=blocks,
+                     num_blocks=self.num_blocks, dtype=dt,
+                     interpret=self.interpret)
+    else:
+      if z is not None:
+        a = pre_value_products(z, slots, table.pre_values[...])
+        w = w * ACTIVATIONS[self.activation](a)[..., None]
+      o = weighted_value_sum(slots, w, table.values[...], blocks=blocks,
+                             num_blocks=self.num_blocks, dtype=dt)
 
     # 7. Output: (gate and) the single output projection.
     if hasattr(self, "w_g"):

@@ -127,15 +127,24 @@ def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, idx[..., None], axis=2)
 
 
-def grid_top_m(s_row: jax.Array, s_col: jax.Array, top_rows: jax.Array,
+def top_k_keys(a: jax.Array, s: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """The K keys of largest pre-filter score a [N, H, ns] (no gradient) and
+  their per-rank sub-key scores s [N, H, ns, r] -> ([N, H, K], [N, H, K, r]).
+  ``pallas_kernels.product_key_topk`` fuses this with step 2."""
+  _, top = jax.lax.top_k(jax.lax.stop_gradient(a), k)
+  return top, _take(s, top)
+
+
+def grid_top_m(r_sel: jax.Array, c_sel: jax.Array, top_rows: jax.Array,
                top_cols: jax.Array, cores: jax.Array | None, m: int) -> Retrieved:
-  """Scores every pair (i in I, j in J): g_c = S_row[i]^T C_c S_col[j]
-  (``cores`` [hc, H, r, r]), or g = S_row[i] + S_col[j] when ``cores`` is
-  None; keeps the m pairs of largest g = sum_c g_c. The K x K grid is only
-  ranked (no gradient); the kept pairs' g_c are recomputed from their rows
-  and columns, so the gradient reaches S_row, S_col and C_c through them."""
+  """Scores every pair (i in I, j in J) of the kept keys, whose per-rank
+  scores are r_sel = S_row[I], c_sel = S_col[J] ([N, H, K, r]): g_c =
+  S_row[i]^T C_c S_col[j] (``cores`` [hc, H, r, r]), or g = S_row[i] +
+  S_col[j] when ``cores`` is None; keeps the m pairs of largest g = sum_c
+  g_c. The K x K grid is only ranked (no gradient); the kept pairs' g_c are
+  recomputed from their rows and columns, so the gradient reaches S_row,
+  S_col and C_c through them."""
   k = top_rows.shape[-1]
-  r_sel, c_sel = _take(s_row, top_rows), _take(s_col, top_cols)  # [N, H, K, r]
   sg = jax.lax.stop_gradient
   if cores is None:
     grid = sg(r_sel[..., :, None, 0] + c_sel[..., None, :, 0])
