@@ -4,8 +4,10 @@
 ``triton``: the Pallas Triton backend for NVIDIA GPUs (vector gather loads;
 every array a kernel touches must have power-of-two dimensions, so the
 wrappers pad and mask). Mosaic GPU, Pallas's default GPU backend, is not
-used: these kernels are gathers of single rows, which Mosaic GPU's
-warpgroup copies do not express (lowering fails on sub-128-byte copies).
+used: these kernels are gathers of single rows, which Triton expresses as
+one vector load, and Mosaic GPU's lowering rejected them ("Only copies
+transferring a number of bytes divisible by the warpgroup size are
+supported" for the small per-group blocks).
 
 On a machine with neither (the CPU), a kernel runs only in interpret mode,
 which the tests use; the model's ``kernels: auto`` picks the pure-JAX path
