@@ -156,6 +156,11 @@ class MemoryConfig:
   # "auto" (Pallas on TPU and GPU, XLA on CPU). Not part of the model: a run
   # may resume or be evaluated with another setting.
   kernels: Literal["xla", "pallas", "auto"] = "auto"
+  # How tables are split over the `memory` mesh axis (spec section 5):
+  # "column" (all rows, Dv/M columns per device; all-gather of indices and
+  # scores, all-to-all of outputs) or "row" (R/M rows per device; masked
+  # local read, reduce-scatter of outputs).
+  table_sharding: Literal["column", "row"] = "column"
 
   @property
   def enabled(self) -> bool:

@@ -11,10 +11,15 @@ from __future__ import annotations
 import jax
 from jax.sharding import PartitionSpec
 
+# Mesh axes the batch is split over. The expert and memory groups also split
+# the batch (as MaxText's expert axis does), so no device repeats another's
+# attention or dense work; their layers gather what they need explicitly.
+BATCH_AXES = ("data", "fsdp", "expert", "memory")
+
 # (logical name, mesh axis or tuple of mesh axes or None)
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # activations
-    ("activation_batch", ("data", "fsdp")),
+    ("activation_batch", BATCH_AXES),
     ("activation_length", None),
     ("activation_embed", None),
     ("activation_vocab", "tensor"),
@@ -32,6 +37,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # section 5); rows, keys and the small projections' memory side are not
     ("memory_rows", None),
     ("memory_value", "memory"),
+    # model.memory.table_sharding=row: tables hold R/M rows of full width
+    ("memory_row_shards", "memory"),
+    ("memory_columns", None),
     ("memory_heads", None),
     ("memory_keys", None),
     ("memory_key_dim", None),

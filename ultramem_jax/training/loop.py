@@ -25,6 +25,7 @@ from ultramem_jax.data.pipeline import prepare_data, train_dataset
 from ultramem_jax.data.tokenizer import FILENAME as TOKENIZER_FILE
 from ultramem_jax.data.tokenizer import load_tokenizer
 from ultramem_jax.parallel.mesh import batch_sharding, make_mesh, mesh_shape, use_mesh
+from ultramem_jax.parallel.rules import BATCH_AXES
 from ultramem_jax.training.checkpoint import Checkpointer, abstract_like
 from ultramem_jax.training.guards import check_mesh_divides, check_writable
 from ultramem_jax.training.health import HealthMonitor
@@ -162,11 +163,12 @@ def _resolve_vocab(cfg: Config, vocab_size: int) -> Config:
 
 
 def _check_batch(cfg: Config, mesh_sizes: dict[str, int]) -> None:
-  shards = mesh_sizes["data"] * mesh_sizes["fsdp"]
+  shards = math.prod(mesh_sizes[a] for a in BATCH_AXES)
   if cfg.data.batch_size % shards:
     raise ConfigError(
         f"data.batch_size: got {cfg.data.batch_size}; must be divisible by "
-        f"mesh.data * mesh.fsdp = {shards}")
+        f"mesh.data * mesh.fsdp * mesh.expert * mesh.memory = {shards} (the "
+        "batch is split over all four)")
 
 
 def train(cfg: Config, *, stop_at_step: int | None = None,

@@ -25,6 +25,7 @@ from pallas_kernels import product_key_topk, value_read
 from ultramem_jax.model.common import (AuxLoss, LayerMetric, dtype_of,
                                        linear_std, normal_param, param, rms_norm)
 from ultramem_jax.model.memory import retrieval as R
+from ultramem_jax.parallel import memory_sharding as MS
 from ultramem_jax.model.memory.values import (ACTIVATIONS, pre_value_products,
                                               weighted_value_sum)
 
@@ -80,12 +81,12 @@ class MemoryTable(nnx.Module):
   def __init__(self, cfg: ModelConfig, rows: int, *, rngs: nnx.Rngs):
     mem, pdt = cfg.memory, dtype_of(cfg.param_dtype)
     std = initial_value_std(cfg)
-    self.values = normal_param(rngs, std, (rows, cfg.value_dim),
-                               ("memory_rows", "memory_value"), pdt,
+    names = (("memory_rows", "memory_value") if mem.table_sharding == "column"
+             else ("memory_row_shards", "memory_columns"))
+    self.values = normal_param(rngs, std, (rows, cfg.value_dim), names, pdt,
                                param_group="values")
     self.pre_values = (normal_param(rngs, std, (rows, mem.pre_value_dim),
-                                    ("memory_rows", "memory_value"), pdt,
-                                    param_group="values")
+                                    names, pdt, param_group="values")
                        if mem.pre_value_dim else None)
 
 
@@ -114,6 +115,7 @@ class MemoryLayer(nnx.Module):
     self.core_penalty_coef, self.core_penalty_tau = mem.core_penalty, mem.core_penalty_tau
     self.key_balance_coef = mem.key_balance
     self.use_pallas, self.interpret = use_pallas(mem.kernels)
+    self.table_sharding = mem.table_sharding
     paper = mem.init == "paper"
     lin = linear_std(cfg)
     ns, hq = geo.keys_per_side, 1 if mem.share_query else h
@@ -221,8 +223,14 @@ class MemoryLayer(nnx.Module):
     keys = jnp.swapaxes(kn, 3, 4).reshape(2 * h, -1, r, dk)   # [2H, ns, r, Dk]
     uv = (jnp.ones((h, 2, r), jnp.float32) if u is None
           else jnp.stack([u, v], axis=1))
-    idx, scores = product_key_topk(q, keys.astype(q.dtype), uv.reshape(2 * h, r), self.k,
-                                   interpret=self.interpret)
+    topk = lambda q, keys, uv: product_key_topk(q, keys, uv, self.k,
+                                                interpret=self.interpret)
+    args = (q, keys.astype(q.dtype), uv.reshape(2 * h, r))
+    mesh = MS.active_mesh()
+    if mesh is None:
+      idx, scores = topk(*args)
+    else:   # each device scores its own tokens; keys are replicated
+      idx, scores = MS.shard_tokens(topk, mesh, args, token_axis=1)
     idx = jnp.transpose(idx.reshape(h, 2, n, -1), (1, 2, 0, 3))     # [2, N, H, K]
     scores = jnp.transpose(scores.reshape(h, 2, n, -1, r), (1, 2, 0, 3, 4))
     return (idx[0], scores[0]), (idx[1], scores[1])
@@ -254,7 +262,17 @@ class MemoryLayer(nnx.Module):
     z = None
     if self.pre_value_dim:
       z = x @ self.w_p[...].astype(dt) if self.pre_value_proj else x
-    if self.use_pallas:
+    mesh = MS.active_mesh()
+    if mesh is not None and (self.use_pallas or MS.group_size(mesh) > 1):
+      # Over a mesh: tables sharded over `memory`, explicit collectives.
+      o = MS.sharded_read(
+          slots, w, table.values[...], z=z,
+          pre_values=table.pre_values[...] if z is not None else None,
+          blocks=blocks, num_blocks=self.num_blocks, dtype=dt,
+          mode=self.table_sharding, read=self._read_local,
+          pre_products=pre_value_products,
+          act=ACTIVATIONS[self.activation])
+    elif self.use_pallas:
       # The pre-value dot, its activation and the weighted sum in one pass.
       o = value_read(slots, w, table.values[...], z=z,
                      pre_values=table.pre_values[...] if z is not None else None,
@@ -275,6 +293,20 @@ class MemoryLayer(nnx.Module):
 
     self._observe(kept, pre, local)
     return y.reshape(shape).astype(dt)
+
+  def _read_local(self, slots, weights, values, blocks, z=None,
+                  pre_values=None):
+    """Step 6 on one device's shards (the Pallas kernel or pure JAX);
+    returns float32 [N, E * Dv_local]."""
+    if self.use_pallas:
+      return value_read(slots, weights, values, z=z, pre_values=pre_values,
+                        activation=self.activation, blocks=blocks,
+                        num_blocks=self.num_blocks, interpret=self.interpret)
+    if z is not None:
+      a = pre_value_products(z, slots, pre_values)
+      weights = weights * ACTIVATIONS[self.activation](a)[..., None]
+    return weighted_value_sum(slots, weights, values, blocks=blocks,
+                              num_blocks=self.num_blocks)
 
   def _observe(self, kept: R.Retrieved, pre: dict, local: jax.Array) -> None:
     """Optional losses, logged metrics and the slot-use stamps."""

@@ -1,0 +1,132 @@
+"""Value tables over the ``memory`` mesh axis (spec section 5), with the
+collectives written out in ``jax.shard_map``.
+
+Tokens are sharded over every batch axis (``data``, ``fsdp``, ``expert``,
+``memory``); the M devices of a memory group each hold a slice of every
+table, never the whole of one:
+
+- **column** (default, the reference implementations'): each device holds
+  all rows and Dv/M columns (Dp/M of the pre-values). The group all-gathers
+  its kept indices, scores and pre-value inputs; every device reads its
+  column slice for all of the group's tokens; the pre-value dot is a partial
+  dot plus a psum of S numbers per token; an all-to-all returns full-width
+  outputs to the tokens' owners.
+- **row** (vocab-parallel style): each device holds R/M rows of full width.
+  The group all-gathers its indices, scores and inputs; each device reads
+  the rows it owns (the others masked to weight 0), the pre-value dot is
+  completed by a psum, and a reduce-scatter sums the partial outputs and
+  returns each token's to its owner.
+
+``read`` is the single-device weighted read (the Pallas kernel or the pure-
+JAX path), ``pre_products`` the single-device <z, P[p]>; both run on local
+shards only.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from ultramem_jax.parallel.rules import BATCH_AXES
+
+MEMORY = "memory"
+
+
+def active_mesh():
+  """The abstract mesh in context, or None when there is none or it has a
+  single device (then the plain single-device code runs)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return None
+  return mesh
+
+
+def group_size(mesh) -> int:
+  return dict(mesh.shape).get(MEMORY, 1)
+
+
+def batch_axes(mesh) -> tuple[str, ...]:
+  return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+
+def _on_axis(mesh, ndim: int, axis: int) -> P:
+  spec = [None] * ndim
+  spec[axis] = batch_axes(mesh)
+  return P(*spec)
+
+
+def shard_tokens(fn: Callable, mesh, args: tuple, token_axis: int = 0):
+  """fn(q, keys, u) on each device's tokens: the first argument split over
+  the batch axes on `token_axis`, the others replicated; outputs split
+  likewise."""
+  in_specs = (_on_axis(mesh, args[0].ndim, token_axis),) + tuple(P() for _ in args[1:])
+  out_specs = tuple(_on_axis(mesh, nd, token_axis) for nd in (3, 4))
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                       check_vma=False)(*args)
+
+
+def sharded_read(slots, weights, values, *, z, pre_values, blocks,
+                 num_blocks: int, dtype, mode: str, read: Callable,
+                 pre_products: Callable, act: Callable):
+  """o [N, E * Dv] of the spec's step 6, tokens sharded over the batch axes,
+  tables over ``memory`` by `mode` (``column`` or ``row``).
+
+  read(slots, w, values, blocks[, z, pre_values]) is the single-device read
+  (float32 [n, E * Dv_local]); pre_products(z, slots, P) the single-device
+  <z, P[p]>; act the pre-value activation."""
+  mesh = active_mesh()
+  hc = weights.shape[2]
+  e, pre = num_blocks, pre_values is not None
+  m = group_size(mesh)
+  if mode == "column" and hc % m and m % hc:
+    raise ValueError(f"model.memory.table_sharding=column: the {hc} cores and "
+                     f"the memory axis of {m} devices must divide one another")
+  if blocks is None:
+    blocks = jnp.zeros_like(slots)
+  gather = lambda x: jax.lax.all_gather(x, MEMORY, axis=0, tiled=True)
+
+  def column(slots, weights, blocks, values, z=None, pre_values=None):
+    if m == 1:   # no group: the fused single-device read
+      return read(slots, weights, values, blocks, z, pre_values).astype(dtype)
+    idx = jax.lax.axis_index(MEMORY)
+    slots, w, blocks = gather(slots), gather(weights).astype(jnp.float32), gather(blocks)
+    # The cores owning this device's columns.
+    per = max(hc // m, 1)
+    w = jax.lax.dynamic_slice_in_dim(w, idx * hc // m if hc >= m else idx // (m // hc),
+                                     per, axis=2)
+    if pre:   # partial dot over this device's Dp/M columns, then psum
+      width = pre_values.shape[1]
+      z_cols = jax.lax.dynamic_slice_in_dim(gather(z), idx * width, width, axis=1)
+      a = jax.lax.psum(pre_products(z_cols, slots, pre_values), MEMORY)
+      w = w * act(a)[..., None]
+    o = read(slots, w, values, blocks)                        # [Ng, E*Dv/M]
+    o = o.reshape(o.shape[0], e, -1)
+    o = jax.lax.all_to_all(o, MEMORY, 0, 2, tiled=True)       # [Nl, E, Dv]
+    return o.reshape(o.shape[0], -1).astype(dtype)
+
+  def row(slots, weights, blocks, values, z=None, pre_values=None):
+    idx, rows = jax.lax.axis_index(MEMORY), values.shape[0]
+    slots, w, blocks = gather(slots), gather(weights).astype(jnp.float32), gather(blocks)
+    local = slots - idx * rows
+    mine = (local >= 0) & (local < rows)
+    local = jnp.where(mine, local, 0)
+    w = jnp.where(mine[..., None], w, 0.0)
+    if pre:   # each row lives on one device: psum completes the dot
+      a = jnp.where(mine, pre_products(gather(z), local, pre_values), 0.0)
+      w = w * act(jax.lax.psum(a, MEMORY))[..., None]
+    o = read(local, w, values, blocks)                        # partial [Ng, E*Dv]
+    return jax.lax.psum_scatter(o, MEMORY, scatter_dimension=0,
+                                tiled=True).astype(dtype)
+
+  table = P(None, MEMORY) if mode == "column" else P(MEMORY, None)
+  args = [slots, weights, blocks, values]
+  specs = [_on_axis(mesh, 2, 0), _on_axis(mesh, 3, 0), _on_axis(mesh, 2, 0), table]
+  if pre:
+    args += [z, pre_values]
+    specs += [_on_axis(mesh, 2, 0), table]
+  return jax.shard_map(column if mode == "column" else row, mesh=mesh,
+                       in_specs=tuple(specs),
+                       out_specs=_on_axis(mesh, 2, 0), check_vma=False)(*args)
