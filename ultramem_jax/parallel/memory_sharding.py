@@ -24,6 +24,7 @@ shards only.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -68,6 +69,23 @@ def shard_tokens(fn: Callable, mesh, args: tuple, token_axis: int = 0):
                        check_vma=False)(*args)
 
 
+def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """``lax.top_k`` over the last axis of x [N, ...], each device on its own
+  tokens (XLA's partitioner otherwise gathers every token's scores onto
+  every device before a top-k)."""
+  mesh = active_mesh()
+  shards = 1 if mesh is None else math.prod(dict(mesh.shape)[a] for a in batch_axes(mesh))
+  if mesh is None or x.shape[0] % shards:
+    return jax.lax.top_k(x, k)
+  spec = _on_axis(mesh, x.ndim, 0)
+  return jax.shard_map(lambda x: tuple(jax.lax.top_k(x, k)), mesh=mesh, in_specs=spec,
+                       out_specs=(spec, spec), check_vma=False)(x)
+
+
+def _pad_tokens(x, n: int):
+  return None if x is None else jnp.pad(x, [(0, n - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+
 def sharded_read(slots, weights, values, *, z, pre_values, blocks,
                  num_blocks: int, dtype, mode: str, read: Callable,
                  pre_products: Callable, act: Callable):
@@ -78,7 +96,16 @@ def sharded_read(slots, weights, values, *, z, pre_values, blocks,
   (float32 [n, E * Dv_local]); pre_products(z, slots, P) the single-device
   <z, P[p]>; act the pre-value activation."""
   mesh = active_mesh()
-  hc = weights.shape[2]
+  n, hc = weights.shape[0], weights.shape[2]
+  shards = math.prod(dict(mesh.shape)[a] for a in batch_axes(mesh))
+  if n % shards:   # e.g. decoding one sequence: pad with weight-0 tokens
+    size = -(-n // shards) * shards
+    out = sharded_read(
+        _pad_tokens(slots, size), _pad_tokens(weights, size), values,
+        z=_pad_tokens(z, size), pre_values=pre_values,
+        blocks=_pad_tokens(blocks, size), num_blocks=num_blocks, dtype=dtype,
+        mode=mode, read=read, pre_products=pre_products, act=act)
+    return out[:n]
   e, pre = num_blocks, pre_values is not None
   m = group_size(mesh)
   if mode == "column" and hc % m and m % hc:

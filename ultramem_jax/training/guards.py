@@ -37,6 +37,15 @@ def check_mesh_divides(cfg: Config, sizes: dict[str, int]) -> None:
   dimension."""
   from ultramem_jax.inspect import abstract_model  # noqa: PLC0415 (cycle)
 
+  mem, m = cfg.model.memory, sizes.get("memory", 1)
+  if mem.enabled and mem.table_sharding == "column" and mem.score == "tucker":
+    hc = mem.tucker_cores
+    if hc % m and m % hc:
+      raise ConfigError(
+          f"mesh.memory: {m} devices and model.memory.tucker_cores={hc} must "
+          "divide one another under model.memory.table_sharding=column (each "
+          "device's columns belong to whole cores); choose another size or "
+          "table_sharding=row")
   model = abstract_model(cfg)
   for path, var in nnx.to_flat_state(nnx.state(model)):
     names = var.get_metadata().get("out_sharding") or ()

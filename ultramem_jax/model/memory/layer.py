@@ -204,12 +204,13 @@ class MemoryLayer(nnx.Module):
       # 3. Rank-1 pre-filter: a = u . S_row, b = v . S_col; top-K of each.
       pre["a"], pre["b"] = R.prefilter_scores(s_row, s_col, u, v)
       if not self.use_pallas:
-        top_rows, r_sel = R.top_k_keys(pre["a"], s_row, self.k)
-        top_cols, c_sel = R.top_k_keys(pre["b"], s_col, self.k)
+        top_rows, r_sel = R.top_k_keys(pre["a"], s_row, self.k, MS.top_k)
+        top_cols, c_sel = R.top_k_keys(pre["b"], s_col, self.k, MS.top_k)
     pre.update(top_rows=top_rows, top_cols=top_cols)
     # 4. Exact scores on the K x K grid with every core; keep the top m.
     cores = self.cores[...] if self.tucker else None
-    kept = R.grid_top_m(r_sel, c_sel, top_rows, top_cols, cores, self.top_m)
+    kept = R.grid_top_m(r_sel, c_sel, top_rows, top_cols, cores, self.top_m,
+                        MS.top_k)
     return kept, pre
 
   def _pallas_topk(self, q_row, q_col, u, v):

@@ -127,16 +127,19 @@ def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, idx[..., None], axis=2)
 
 
-def top_k_keys(a: jax.Array, s: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+def top_k_keys(a: jax.Array, s: jax.Array, k: int,
+               top_k=jax.lax.top_k) -> tuple[jax.Array, jax.Array]:
   """The K keys of largest pre-filter score a [N, H, ns] (no gradient) and
   their per-rank sub-key scores s [N, H, ns, r] -> ([N, H, K], [N, H, K, r]).
-  ``pallas_kernels.product_key_topk`` fuses this with step 2."""
-  _, top = jax.lax.top_k(jax.lax.stop_gradient(a), k)
+  ``pallas_kernels.product_key_topk`` fuses this with step 2. ``top_k``:
+  lax.top_k or a token-sharded equivalent."""
+  _, top = top_k(jax.lax.stop_gradient(a), k)
   return top, _take(s, top)
 
 
 def grid_top_m(r_sel: jax.Array, c_sel: jax.Array, top_rows: jax.Array,
-               top_cols: jax.Array, cores: jax.Array | None, m: int) -> Retrieved:
+               top_cols: jax.Array, cores: jax.Array | None, m: int,
+               top_k=jax.lax.top_k) -> Retrieved:
   """Scores every pair (i in I, j in J) of the kept keys, whose per-rank
   scores are r_sel = S_row[I], c_sel = S_col[J] ([N, H, K, r]): g_c =
   S_row[i]^T C_c S_col[j] (``cores`` [hc, H, r, r]), or g = S_row[i] +
@@ -151,7 +154,7 @@ def grid_top_m(r_sel: jax.Array, c_sel: jax.Array, top_rows: jax.Array,
   else:
     grid = jnp.einsum("nhir,hrs,nhjs->nhij", sg(r_sel),
                       sg(jnp.sum(cores.astype(r_sel.dtype), axis=0)), sg(c_sel))
-  _, flat = jax.lax.top_k(grid.reshape(grid.shape[:2] + (k * k,)), m)
+  _, flat = top_k(grid.reshape(grid.shape[:2] + (k * k,)), m)
   ii, jj = flat // k, flat % k
   r_kept, c_kept = _take(r_sel, ii), _take(c_sel, jj)  # [N, H, m, r]
   if cores is None:
