@@ -53,6 +53,28 @@ class _Spec(NamedTuple):
 # --------------------------------------------------------------------------
 
 
+class _Tiles(NamedTuple):
+  bt: int      # tokens per grid step
+  n_pad: int   # tokens, padded to a multiple of bt
+  s_pad: int   # kept slots per token, padded
+  sc: int      # slots gathered per loop step (Triton)
+
+
+def _tiles(spec: _Spec, n: int, s: int) -> _Tiles:
+  """TPU: bt a multiple of 8 (sublanes), slots as they are. Triton: every
+  size a power of two."""
+  if spec.backend == "tpu":
+    bt = round_up(spec.block_tokens, 8)
+    return _Tiles(bt, round_up(n, bt), s, s)
+  bt, s_pad = next_pow2(spec.block_tokens), next_pow2(s)
+  return _Tiles(bt, round_up(n, bt), s_pad, min(s_pad, next_pow2(spec.slot_chunk)))
+
+
+def _pad_slots(x: jax.Array, t: _Tiles) -> jax.Array:
+  """[N, S] (slots or value blocks) padded to [n_pad, s_pad] with zeros."""
+  return pad_axis(pad_axis(x, 0, t.n_pad), 1, t.s_pad)
+
+
 def _read(slots, weights, values, z, pre_values, blocks, spec: _Spec):
   """Kernel call. Returns o [E, N, Dv] (out_dtype) and a [N, S] f32 (or
   None without pre-values)."""
@@ -63,18 +85,17 @@ def _read(slots, weights, values, z, pre_values, blocks, spec: _Spec):
   out_dtype = jnp.dtype(spec.out_dtype)
   interpret = interpret_arg(spec.backend, spec.interpret)
   w = jnp.transpose(weights, (2, 0, 1))                      # [hc, N, S]
+  t = _tiles(spec, n, s)
+  bt, n_pad, s_pad, sc = t
 
   if spec.backend == "tpu":
-    bt = round_up(spec.block_tokens, 8)
-    n_pad = round_up(n, bt)
-    slots_p = pad_axis(slots, 0, n_pad)
     inputs = [pad_axis(w, 1, n_pad)]
     in_specs = [pl.BlockSpec((hc, bt, s), lambda i: (0, i, 0))]
     if pre:
       inputs.append(pad_axis(z, 0, n_pad))
       in_specs.append(pl.BlockSpec((bt, dp), lambda i: (i, 0)))
     if has_blocks:
-      inputs.append(pad_axis(blocks, 0, n_pad))
+      inputs.append(_pad_slots(blocks, t))
       in_specs.append(pl.BlockSpec((bt, s), lambda i: (i, 0)))
     out_shape = [jax.ShapeDtypeStruct((e, n_pad, dv), out_dtype)]
     out_specs = [pl.BlockSpec((e, bt, dv), lambda i: (0, i, 0))]
@@ -88,7 +109,7 @@ def _read(slots, weights, values, z, pre_values, blocks, spec: _Spec):
                                activation=spec.activation, pre=pre,
                                has_blocks=has_blocks)
     outs = tpu.call(kernel, n_blocks=n_pad // bt, bt=bt, s=s,
-                    slots=slots_p, inputs=inputs,
+                    slots=_pad_slots(slots, t), inputs=inputs,
                     in_specs=in_specs,
                     hbm_tables=[values] + ([pre_values] if pre else []),
                     out_shape=out_shape, out_specs=out_specs, scratch=scratch,
@@ -96,19 +117,15 @@ def _read(slots, weights, values, z, pre_values, blocks, spec: _Spec):
     o = outs[0][:, :n]
     return o, (outs[1][:n] if pre else None)
 
-  bt = next_pow2(spec.block_tokens)
-  n_pad, s_pad = round_up(n, bt), next_pow2(s)
-  sc = min(s_pad, next_pow2(spec.slot_chunk))
   dv_pad, dp_pad = next_pow2(dv), next_pow2(max(dp, 1))
-  inputs = [pad_axis(pad_axis(slots, 0, n_pad), 1, s_pad),
-            pad_axis(pad_axis(w, 1, n_pad), 2, s_pad)]
+  inputs = [_pad_slots(slots, t), pad_axis(pad_axis(w, 1, n_pad), 2, s_pad)]
   in_specs = [pl.BlockSpec((bt, s_pad), lambda i: (i, 0)),
               pl.BlockSpec((hc, bt, s_pad), lambda i: (0, i, 0))]
   if pre:
     inputs.append(pad_axis(pad_axis(z, 0, n_pad), 1, dp_pad))
     in_specs.append(pl.BlockSpec((bt, dp_pad), lambda i: (i, 0)))
   if has_blocks:
-    inputs.append(pad_axis(pad_axis(blocks, 0, n_pad), 1, s_pad))
+    inputs.append(_pad_slots(blocks, t))
     in_specs.append(pl.BlockSpec((bt, s_pad), lambda i: (i, 0)))
   out_shape = [jax.ShapeDtypeStruct((e, n_pad, dv_pad), out_dtype)]
   out_specs = [pl.BlockSpec((e, bt, dv_pad), lambda i: (0, i, 0))]
@@ -134,18 +151,18 @@ def _row_dots(slots, blocks, do, values, hc: int, spec: _Spec):
   dv, e = values.shape[1], spec.e
   has_blocks = blocks is not None and e > 1
   interpret = interpret_arg(spec.backend, spec.interpret)
+  t = _tiles(spec, n, s)
+  bt, n_pad, s_pad, sc = t
   if spec.backend == "tpu":
-    bt = round_up(spec.block_tokens, 8)
-    n_pad = round_up(n, bt)
     inputs = [pad_axis(do, 1, n_pad)]
     in_specs = [pl.BlockSpec((e, bt, dv), lambda i: (0, i, 0))]
     if has_blocks:
-      inputs.append(pad_axis(blocks, 0, n_pad))
+      inputs.append(_pad_slots(blocks, t))
       in_specs.append(pl.BlockSpec((bt, s), lambda i: (i, 0)))
     kernel = functools.partial(tpu.row_dots_kernel, bt=bt, s=s, hc=hc, e=e,
                                dv=dv, has_blocks=has_blocks)
     dots = tpu.call(kernel, n_blocks=n_pad // bt, bt=bt, s=s,
-                    slots=pad_axis(slots, 0, n_pad),
+                    slots=_pad_slots(slots, t),
                     inputs=inputs, in_specs=in_specs, hbm_tables=[values],
                     out_shape=jax.ShapeDtypeStruct((hc, n_pad, s), jnp.float32),
                     out_specs=pl.BlockSpec((hc, bt, s), lambda i: (0, i, 0)),
@@ -153,15 +170,12 @@ def _row_dots(slots, blocks, do, values, hc: int, spec: _Spec):
                              pltpu.SemaphoreType.DMA((2,))],
                     interpret=interpret)
     return jnp.transpose(dots[:, :n], (1, 2, 0))
-  bt = next_pow2(spec.block_tokens)
-  n_pad, s_pad, dv_pad = round_up(n, bt), next_pow2(s), next_pow2(dv)
-  sc = min(s_pad, next_pow2(spec.slot_chunk))
-  inputs = [pad_axis(pad_axis(slots, 0, n_pad), 1, s_pad),
-            pad_axis(pad_axis(do, 1, n_pad), 2, dv_pad)]
+  dv_pad = next_pow2(dv)
+  inputs = [_pad_slots(slots, t), pad_axis(pad_axis(do, 1, n_pad), 2, dv_pad)]
   in_specs = [pl.BlockSpec((bt, s_pad), lambda i: (i, 0)),
               pl.BlockSpec((e, bt, dv_pad), lambda i: (0, i, 0))]
   if has_blocks:
-    inputs.append(pad_axis(pad_axis(blocks, 0, n_pad), 1, s_pad))
+    inputs.append(_pad_slots(blocks, t))
     in_specs.append(pl.BlockSpec((bt, s_pad), lambda i: (i, 0)))
   kernel = functools.partial(triton.row_dots_kernel, sc=sc, hc=hc, e=e, dv=dv,
                              has_blocks=has_blocks)

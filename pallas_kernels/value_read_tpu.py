@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.chunks import chunk_ids, column_weights, core_sums, select_block
 from pallas_kernels.reference import ACTIVATIONS
 
 
@@ -53,18 +54,6 @@ def _pipelined_rows(slots_cur, slots_nxt, tables, bufs, sems, *, bt, s):
   return slot
 
 
-def _column_weights(w: list[jax.Array], dv: int) -> jax.Array:
-  """Per-core weights [bt, S] each -> per-column weights [bt, S, Dv] (core c
-  owns columns c*Dv/hc ... (c+1)*Dv/hc - 1)."""
-  if len(w) == 1:
-    return w[0][:, :, None]
-  chunk = jax.lax.broadcasted_iota(jnp.int32, (1, 1, dv), 2) // (dv // len(w))
-  out = jnp.where(chunk == 0, w[0][:, :, None], 0.0)
-  for c in range(1, len(w)):
-    out = jnp.where(chunk == c, w[c][:, :, None], out)
-  return out
-
-
 def forward_kernel(*refs, bt: int, s: int, hc: int, e: int, dv: int,
                    activation: str, pre: bool, has_blocks: bool):
   """o[e] = sum_s [e_s = e] w_c act(<z, P[p_s]>) V[p_s] (per column chunk c).
@@ -99,7 +88,7 @@ def forward_kernel(*refs, bt: int, s: int, hc: int, e: int, dv: int,
     a_ref[...] = a
     f = ACTIVATIONS[activation](a)
     w = [wc * f for wc in w]
-  wcol = _column_weights(w, dv)
+  wcol = column_weights(w, chunk_ids(dv, dv, hc))
   rows = vbuf[slot].astype(jnp.float32)                       # [bt, S, Dv]
   for b in range(e):
     wb = wcol if blk_ref is None else jnp.where(
@@ -122,20 +111,10 @@ def row_dots_kernel(*refs, bt: int, s: int, hc: int, e: int, dv: int,
   v_hbm, dots_ref, vbuf, vsem = refs
   slot = _pipelined_rows(slots_cur, slots_nxt, [v_hbm], [vbuf], [vsem], bt=bt, s=s)
   rows = vbuf[slot].astype(jnp.float32)                       # [bt, S, Dv]
-  if blk_ref is None:
-    dsel = do_ref[0].astype(jnp.float32)[:, None, :]
-  else:
-    blk = blk_ref[...][:, :, None]
-    dsel = jnp.where(blk == 0, do_ref[0].astype(jnp.float32)[:, None, :], 0.0)
-    for b in range(1, e):
-      dsel = jnp.where(blk == b, do_ref[b].astype(jnp.float32)[:, None, :], dsel)
-  prod = rows * dsel
-  if hc == 1:
-    dots_ref[0] = jnp.sum(prod, axis=2)
-    return
-  chunk = jax.lax.broadcasted_iota(jnp.int32, (1, 1, dv), 2) // (dv // hc)
-  for c in range(hc):
-    dots_ref[c] = jnp.sum(jnp.where(chunk == c, prod, 0.0), axis=2)
+  dsel = select_block(None if blk_ref is None else blk_ref[...][:, :, None],
+                      [do_ref[b].astype(jnp.float32)[:, None, :] for b in range(e)])
+  for c, dots in enumerate(core_sums(rows * dsel, chunk_ids(dv, dv, hc), hc)):
+    dots_ref[c] = dots
 
 
 def call(kernel, *, n_blocks: int, bt: int, s: int, slots, inputs, in_specs,

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
+from pallas_kernels.chunks import chunk_ids, column_weights, core_sums, select_block
 from pallas_kernels.reference import ACTIVATIONS
 
 
@@ -21,10 +22,6 @@ def _gather(table, idx, width: int, width_pad: int):
   cols = jax.lax.broadcasted_iota(jnp.int32, (1, 1, width_pad), 2)
   return pltr.load(table.at[idx[:, :, None], cols], mask=cols < width,
                    other=0.0).astype(jnp.float32)
-
-
-def _chunk_ids(dv: int, dv_pad: int, hc: int):
-  return jax.lax.broadcasted_iota(jnp.int32, (1, 1, dv_pad), 2) // (dv // hc)
 
 
 def forward_kernel(*refs, sc: int, hc: int, e: int, dv: int, dp: int,
@@ -42,7 +39,7 @@ def forward_kernel(*refs, sc: int, hc: int, e: int, dv: int, dp: int,
   a_ref = refs.pop(0) if pre else None
   bt, s = slots_ref.shape
   dv_pad = o_ref.shape[-1]
-  chunk = _chunk_ids(dv, dv_pad, hc)
+  chunk = chunk_ids(dv, dv_pad, hc)
 
   def step(j, acc):
     sl = pl.ds(j * sc, sc)
@@ -54,10 +51,7 @@ def forward_kernel(*refs, sc: int, hc: int, e: int, dv: int, dp: int,
       a_ref[:, sl] = a
       f = ACTIVATIONS[activation](a)
       w = [wc * f for wc in w]
-    wcol = jnp.where(chunk == 0, w[0][:, :, None], 0.0)
-    for c in range(1, hc):
-      wcol = jnp.where(chunk == c, w[c][:, :, None], wcol)
-    contrib = wcol * _gather(v_ref, idx, dv, dv_pad)
+    contrib = column_weights(w, chunk) * _gather(v_ref, idx, dv, dv_pad)
     if blk_ref is None:
       return (acc[0] + jnp.sum(contrib, axis=1),)
     blk = blk_ref[:, sl][:, :, None]
@@ -79,21 +73,16 @@ def row_dots_kernel(*refs, sc: int, hc: int, e: int, dv: int, has_blocks: bool):
   blk_ref = refs.pop(0) if has_blocks else None
   v_ref, dots_ref = refs
   dv_pad = do_ref.shape[-1]
-  chunk = _chunk_ids(dv, dv_pad, hc)
+  chunk = chunk_ids(dv, dv_pad, hc)
   do = [do_ref[b].astype(jnp.float32)[:, None, :] for b in range(e)]
 
   def step(j, carry):
     sl = pl.ds(j * sc, sc)
     idx = slots_ref[:, sl]
-    dsel = do[0]
-    if blk_ref is not None:
-      blk = blk_ref[:, sl][:, :, None]
-      dsel = jnp.where(blk == 0, do[0], 0.0)
-      for b in range(1, e):
-        dsel = jnp.where(blk == b, do[b], dsel)
+    dsel = select_block(None if blk_ref is None else blk_ref[:, sl][:, :, None], do)
     prod = _gather(v_ref, idx, dv, dv_pad) * dsel
-    for c in range(hc):
-      dots_ref[c, :, sl] = jnp.sum(jnp.where(chunk == c, prod, 0.0), axis=2)
+    for c, dots in enumerate(core_sums(prod, chunk, hc)):
+      dots_ref[c, :, sl] = dots
     return carry
 
   jax.lax.fori_loop(0, slots_ref.shape[1] // sc, step, 0)

@@ -44,20 +44,28 @@ def config(tmp_path, sharding="column", kernels="xla"):
 BATCH = np.random.default_rng(0).integers(0, 257, size=(8, 9))
 
 
+def loss_and_grads(cfg, mesh):
+  """Under `mesh` (entered by the caller): graph, state, the sharded batch,
+  and the loss and gradients of the first step, jitted."""
+  graph, state = create_state(cfg)
+  batch = jax.device_put({"inputs": jnp.asarray(BATCH[:, :-1], jnp.int32),
+                          "targets": jnp.asarray(BATCH[:, 1:], jnp.int32)},
+                         batch_sharding(mesh))
+
+  @jax.jit
+  def grads(state, batch):
+    model, _ = nnx.merge(graph, state)
+    return nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
+
+  (loss, _), g = grads(state, batch)
+  return graph, state, batch, loss, g
+
+
 def run(cfg, mesh):
-  """(loss, flat grads, state after one train step, compiled step text)."""
+  """(loss, flat grads, placed state, state after one train step, its
+  metrics, compiled step text)."""
   with use_mesh(mesh):
-    graph, state = create_state(cfg)
-    batch = jax.device_put({"inputs": jnp.asarray(BATCH[:, :-1], jnp.int32),
-                            "targets": jnp.asarray(BATCH[:, 1:], jnp.int32)},
-                           batch_sharding(mesh))
-
-    @jax.jit
-    def grads(state, batch):
-      model, _ = nnx.merge(graph, state)
-      return nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
-
-    (loss, _), g = grads(state, batch)
+    graph, state, batch, loss, g = loss_and_grads(cfg, mesh)
     step = make_train_step(graph)
     text = step.lower(state, batch).compile().as_text()
     placed = {path: v for path, v in nnx.to_flat_state(state)}
@@ -154,17 +162,7 @@ def test_pallas_kernels_under_a_mesh(tmp_path, single):
   loss0, grads0, *_ = single
   mesh = make_mesh(MeshConfig(data=2, memory=4))
   with use_mesh(mesh):
-    graph, state = create_state(config(tmp_path, kernels="pallas"))
-    batch = jax.device_put({"inputs": jnp.asarray(BATCH[:, :-1], jnp.int32),
-                            "targets": jnp.asarray(BATCH[:, 1:], jnp.int32)},
-                           batch_sharding(mesh))
-
-    @jax.jit
-    def grads(state, batch):
-      model, _ = nnx.merge(graph, state)
-      return nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
-
-    (loss, _), g = grads(state, batch)
+    *_, loss, g = loss_and_grads(config(tmp_path, kernels="pallas"), mesh)
   assert abs(float(loss) - loss0) <= 1e-6 * abs(loss0)
   g = dict(nnx.to_flat_state(g))
   for path in grads0:

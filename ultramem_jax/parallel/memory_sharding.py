@@ -36,6 +36,12 @@ from ultramem_jax.parallel.rules import BATCH_AXES
 MEMORY = "memory"
 
 
+def whole_cores(hc: int, m: int) -> bool:
+  """Column sharding over m devices keeps each device's columns within whole
+  cores (of hc) only when one count divides the other."""
+  return hc % m == 0 or m % hc == 0
+
+
 def active_mesh():
   """The abstract mesh in context, or None when there is none or it has a
   single device (then the plain single-device code runs)."""
@@ -108,18 +114,22 @@ def sharded_read(slots, weights, values, *, z, pre_values, blocks,
     return out[:n]
   e, pre = num_blocks, pre_values is not None
   m = group_size(mesh)
-  if mode == "column" and hc % m and m % hc:
+  if mode == "column" and not whole_cores(hc, m):
     raise ValueError(f"model.memory.table_sharding=column: the {hc} cores and "
                      f"the memory axis of {m} devices must divide one another")
   if blocks is None:
     blocks = jnp.zeros_like(slots)
   gather = lambda x: jax.lax.all_gather(x, MEMORY, axis=0, tiled=True)
 
+  def group(slots, weights, blocks):
+    """The memory group's kept indices, scores (float32) and blocks."""
+    return gather(slots), gather(weights).astype(jnp.float32), gather(blocks)
+
   def column(slots, weights, blocks, values, z=None, pre_values=None):
     if m == 1:   # no group: the fused single-device read
       return read(slots, weights, values, blocks, z, pre_values).astype(dtype)
     idx = jax.lax.axis_index(MEMORY)
-    slots, w, blocks = gather(slots), gather(weights).astype(jnp.float32), gather(blocks)
+    slots, w, blocks = group(slots, weights, blocks)
     # The cores owning this device's columns.
     per = max(hc // m, 1)
     w = jax.lax.dynamic_slice_in_dim(w, idx * hc // m if hc >= m else idx // (m // hc),
@@ -136,7 +146,7 @@ def sharded_read(slots, weights, values, *, z, pre_values, blocks,
 
   def row(slots, weights, blocks, values, z=None, pre_values=None):
     idx, rows = jax.lax.axis_index(MEMORY), values.shape[0]
-    slots, w, blocks = gather(slots), gather(weights).astype(jnp.float32), gather(blocks)
+    slots, w, blocks = group(slots, weights, blocks)
     local = slots - idx * rows
     mine = (local >= 0) & (local < rows)
     local = jnp.where(mine, local, 0)

@@ -11,6 +11,7 @@ import tempfile
 from flax import nnx
 
 from ultramem_jax.config import Config, ConfigError
+from ultramem_jax.parallel.memory_sharding import whole_cores
 from ultramem_jax.parallel.rules import RULES
 
 
@@ -40,7 +41,7 @@ def check_mesh_divides(cfg: Config, sizes: dict[str, int]) -> None:
   mem, m = cfg.model.memory, sizes.get("memory", 1)
   if mem.enabled and mem.table_sharding == "column" and mem.score == "tucker":
     hc = mem.tucker_cores
-    if hc % m and m % hc:
+    if not whole_cores(hc, m):
       raise ConfigError(
           f"mesh.memory: {m} devices and model.memory.tucker_cores={hc} must "
           "divide one another under model.memory.table_sharding=column (each "

@@ -260,32 +260,22 @@ class MemoryLayer(nnx.Module):
       w = jax.nn.softmax(w, axis=2)
     w = w.reshape(n, heads * m, -1)
     slots, blocks = slots.reshape(n, heads * m), blocks.reshape(n, heads * m)
-    z = None
+    z = pre_values = None
     if self.pre_value_dim:
       z = x @ self.w_p[...].astype(dt) if self.pre_value_proj else x
+      pre_values = table.pre_values[...]
     mesh = MS.active_mesh()
     if mesh is not None and (self.use_pallas or MS.group_size(mesh) > 1):
       # Over a mesh: tables sharded over `memory`, explicit collectives.
       o = MS.sharded_read(
-          slots, w, table.values[...], z=z,
-          pre_values=table.pre_values[...] if z is not None else None,
+          slots, w, table.values[...], z=z, pre_values=pre_values,
           blocks=blocks, num_blocks=self.num_blocks, dtype=dt,
           mode=self.table_sharding, read=self._read_local,
           pre_products=pre_value_products,
           act=ACTIVATIONS[self.activation])
-    elif self.use_pallas:
-      # The pre-value dot, its activation and the weighted sum in one pass.
-      o = value_read(slots, w, table.values[...], z=z,
-                     pre_values=table.pre_values[...] if z is not None else None,
-                     activation=self.activation, blocks=blocks,
-                     num_blocks=self.num_blocks, dtype=dt,
-                     interpret=self.interpret)
     else:
-      if z is not None:
-        a = pre_value_products(z, slots, table.pre_values[...])
-        w = w * ACTIVATIONS[self.activation](a)[..., None]
-      o = weighted_value_sum(slots, w, table.values[...], blocks=blocks,
-                             num_blocks=self.num_blocks, dtype=dt)
+      o = self._read_local(slots, w, table.values[...], blocks, z, pre_values,
+                           dtype=dt)
 
     # 7. Output: (gate and) the single output projection.
     if hasattr(self, "w_g"):
@@ -296,18 +286,20 @@ class MemoryLayer(nnx.Module):
     return y.reshape(shape).astype(dt)
 
   def _read_local(self, slots, weights, values, blocks, z=None,
-                  pre_values=None):
-    """Step 6 on one device's shards (the Pallas kernel or pure JAX);
-    returns float32 [N, E * Dv_local]."""
+                  pre_values=None, dtype=jnp.float32):
+    """Step 6 on one device's tables (or shards of them): the Pallas kernel,
+    which fuses the pre-value dot, its activation and the weighted sum, or
+    pure JAX. Returns [N, E * Dv_local] in `dtype`."""
     if self.use_pallas:
       return value_read(slots, weights, values, z=z, pre_values=pre_values,
                         activation=self.activation, blocks=blocks,
-                        num_blocks=self.num_blocks, interpret=self.interpret)
+                        num_blocks=self.num_blocks, dtype=dtype,
+                        interpret=self.interpret)
     if z is not None:
       a = pre_value_products(z, slots, pre_values)
       weights = weights * ACTIVATIONS[self.activation](a)[..., None]
     return weighted_value_sum(slots, weights, values, blocks=blocks,
-                              num_blocks=self.num_blocks)
+                              num_blocks=self.num_blocks, dtype=dtype)
 
   def _observe(self, kept: R.Retrieved, pre: dict, local: jax.Array) -> None:
     """Optional losses, logged metrics and the slot-use stamps."""
