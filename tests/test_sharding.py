@@ -63,15 +63,24 @@ def loss_and_grads(cfg, mesh):
 
 def run(cfg, mesh):
   """(loss, flat grads, placed state, state after one train step, its
-  metrics, compiled step text)."""
+  metrics, compiled text), all from one compiled program (grads and step)."""
   with use_mesh(mesh):
-    graph, state, batch, loss, g = loss_and_grads(cfg, mesh)
+    graph, state = create_state(cfg)
+    batch = jax.device_put({"inputs": jnp.asarray(BATCH[:, :-1], jnp.int32),
+                            "targets": jnp.asarray(BATCH[:, 1:], jnp.int32)},
+                           batch_sharding(mesh))
     step = make_train_step(graph)
-    text = step.lower(state, batch).compile().as_text()
+
+    def grads_and_step(state, batch):
+      model, _ = nnx.merge(graph, state)
+      (loss, _), g = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
+      return loss, g, *step(state, batch)
+
+    compiled = jax.jit(grads_and_step).lower(state, batch).compile()
+    loss, g, new_state, metrics = compiled(state, batch)
     placed = {path: v for path, v in nnx.to_flat_state(state)}
-    new_state, metrics = step(jax.tree.map(jnp.copy, state), batch)
     return (float(loss), dict(nnx.to_flat_state(g)), placed,
-            dict(nnx.to_flat_state(new_state)), metrics, text)
+            dict(nnx.to_flat_state(new_state)), metrics, compiled.as_text())
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,8 @@ from ultramem_jax.config import ModelConfig
 from ultramem_jax.model.common import (AuxLoss, LayerMetric, dtype_of,
                                        linear_std, normal_param, output_std)
 from ultramem_jax.model.ffn import SwiGLU, register_ffn
+from ultramem_jax.parallel import expert_sharding as ES
+from ultramem_jax.parallel import tokens
 
 
 def load_balance_loss(fraction: jax.Array, mean_prob: jax.Array,
@@ -38,6 +40,48 @@ def load_balance_loss(fraction: jax.Array, mean_prob: jax.Array,
   """coef * E * sum_e f_e * p_e (Switch / OLMoE); equals coef when either
   f or p is uniform, and grows up to coef * E as routing collapses."""
   return coef * fraction.shape[-1] * jnp.sum(fraction * mean_prob)
+
+
+def grouped_swiglu_ragged(xs: jax.Array, group_sizes: jax.Array, w_gate: jax.Array,
+                          w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+  """SwiGLU over rows grouped by expert: rows [sum_{e'<e} g_e', ...+g_e)
+  use expert e; rows past sum(g) give zeros. On TPU the megablox ``gmm``
+  kernel is the drop-in for ``ragged_dot``; on CPU ragged_dot lowers to a
+  dense masked product (E times the FLOPs and an [E, rows, d] temporary)."""
+  rd = jax.lax.ragged_dot
+  gate = jax.nn.silu(rd(xs, w_gate, group_sizes))
+  return rd(gate * rd(xs, w_up, group_sizes), w_down, group_sizes)
+
+
+def grouped_swiglu_blocked(xs: jax.Array, group_sizes: jax.Array, w_gate: jax.Array,
+                           w_up: jax.Array, w_down: jax.Array,
+                           block: int) -> jax.Array:
+  """The same grouped SwiGLU, exactly, without ragged_dot: each expert's
+  rows are padded to a multiple of the block size b, so every block of b
+  rows belongs to one expert; blocks are multiplied by their expert's
+  weights in one batched einsum. FLOPs are (rows + E*(b-1)) / rows of the
+  ideal, and the gathered weights are [blocks, d, f]. Rows past sum(g)
+  go to no block and give zeros."""
+  rows, d = xs.shape
+  e = group_sizes.shape[0]
+  n_blocks = -(-(rows + e * (block - 1)) // block)
+  ends = jnp.cumsum(group_sizes)
+  row = jnp.arange(rows)
+  row_expert = jnp.minimum(jnp.searchsorted(ends, row, side="right"), e - 1)
+  padded = -(-group_sizes // block) * block
+  padded_start = jnp.cumsum(padded) - padded
+  start = ends - group_sizes
+  dest = padded_start[row_expert] + row - start[row_expert]
+  dest = jnp.where(row < ends[-1], dest, n_blocks * block)   # past the groups
+  # Expert of each block; blocks past the last group get expert 0 and zeros.
+  block_expert = jnp.clip(jnp.searchsorted(
+      jnp.cumsum(padded), jnp.arange(n_blocks) * block, side="right"), 0, e - 1)
+  xb = jnp.zeros((n_blocks * block, d), xs.dtype).at[dest].set(xs, mode="drop")
+  xb = xb.reshape(n_blocks, block, d)
+  mm = lambda v, w: jnp.einsum("nbi,nio->nbo", v, w[block_expert])
+  h = jax.nn.silu(mm(xb, w_gate)) * mm(xb, w_up)
+  out = mm(h, w_down).reshape(n_blocks * block, d)
+  return out.at[dest].get(mode="fill", fill_value=0)
 
 
 @register_ffn("moe")
@@ -91,7 +135,7 @@ class MoE(nnx.Module):
     # Router in float32: logits [N, E], probs softmax over all E experts.
     logits = x.astype(jnp.float32) @ self.router[...].astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
-    weights, experts = jax.lax.top_k(probs, k)  # [N, k] each
+    weights, experts = tokens.top_k(probs, k)  # [N, k] each, per device
     if self.renormalize:
       weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
 
@@ -106,7 +150,7 @@ class MoE(nnx.Module):
       y, kept = self._capacity(x, flat_e, flat_w, token)
       dropped = 1.0 - jnp.mean(kept.astype(jnp.float32))
     else:
-      y = self._dropless(x, flat_e, flat_w, token, counts)
+      y = self._dropless(x, experts, weights)
       dropped = jnp.zeros((), jnp.float32)
     if self.shared is not None:
       y = y + self.shared(x)
@@ -123,59 +167,31 @@ class MoE(nnx.Module):
     self.sow(LayerMetric, "dropped_fraction", sg(dropped))
     return y.reshape(shape)
 
-  def _experts_ragged(self, xs: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """SwiGLU over rows grouped by expert: rows [sum_{e'<e} g_e', ...+g_e)
-    use expert e. On TPU the megablox ``gmm`` kernel is the drop-in for
-    ``ragged_dot``; on CPU ragged_dot lowers to a dense masked product
-    (E times the FLOPs and an [E, rows, d] temporary)."""
-    dt = self.dtype
-    rd = jax.lax.ragged_dot
-    gate = jax.nn.silu(rd(xs, self.w_gate[...].astype(dt), group_sizes))
-    up = rd(xs, self.w_up[...].astype(dt), group_sizes)
-    return rd(gate * up, self.w_down[...].astype(dt), group_sizes)
-
-  def _experts_blocked(self, xs: jax.Array, row_expert: jax.Array,
-                       group_sizes: jax.Array) -> jax.Array:
-    """The same grouped SwiGLU, exactly, without ragged_dot: each expert's
-    rows are padded to a multiple of the block size b, so every block of b
-    rows belongs to one expert; blocks are multiplied by their expert's
-    weights in one batched einsum. FLOPs are (rows + E*(b-1)) / rows of the
-    ideal, and the gathered weights are [blocks, d, f]."""
-    rows, d = xs.shape
-    e, b, dt = self.num_experts, self.block_size, self.dtype
-    n_blocks = -(-(rows + e * (b - 1)) // b)
-    padded = -(-group_sizes // b) * b
-    padded_start = jnp.cumsum(padded) - padded
-    start = jnp.cumsum(group_sizes) - group_sizes
-    dest = padded_start[row_expert] + jnp.arange(rows) - start[row_expert]
-    # Expert of each block; blocks past the last group get expert 0 and zeros.
-    block_expert = jnp.clip(jnp.searchsorted(
-        jnp.cumsum(padded), jnp.arange(n_blocks) * b, side="right"), 0, e - 1)
-    xb = jnp.zeros((n_blocks * b, d), xs.dtype).at[dest].set(xs)
-    xb = xb.reshape(n_blocks, b, d)
-
-    def mm(v, w):
-      return jnp.einsum("nbi,nio->nbo", v, w[...].astype(dt)[block_expert])
-
-    h = jax.nn.silu(mm(xb, self.w_gate)) * mm(xb, self.w_up)
-    return mm(h, self.w_down).reshape(n_blocks * b, d)[dest]
-
-  def _dropless(self, x: jax.Array, flat_e: jax.Array, flat_w: jax.Array,
-                token: jax.Array, counts: jax.Array) -> jax.Array:
-    """Sort the N*k assignments by expert, grouped matmuls, weighted
-    scatter-add back: y_n = sum_{a: token(a)=n} w_a Expert_{e_a}(x_n)."""
-    order = jnp.argsort(flat_e, stable=True)
-    src = token[order]
+  def _grouped_swiglu(self, xs: jax.Array, group_sizes: jax.Array,
+                      w_gate: jax.Array, w_up: jax.Array,
+                      w_down: jax.Array) -> jax.Array:
     impl = self.grouped_matmul
     if impl == "auto":
       impl = "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+    dt = self.dtype
+    w = (w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt))
     if impl == "blocked":
-      ys = self._experts_blocked(x[src], flat_e[order], counts.astype(jnp.int32))
+      return grouped_swiglu_blocked(xs, group_sizes, *w, self.block_size)
+    return grouped_swiglu_ragged(xs, group_sizes, *w)
+
+  def _dropless(self, x: jax.Array, experts: jax.Array,
+                weights: jax.Array) -> jax.Array:
+    """Sort the N*k assignments by expert, grouped matmuls, weighted
+    scatter-add back: y_n = sum_{a: token(a)=n} w_a Expert_{e_a}(x_n).
+    Under a mesh each device does this for its own tokens, exchanging rows
+    with the devices that own their experts (parallel/expert_sharding.py)."""
+    w = (self.w_gate[...], self.w_up[...], self.w_down[...])
+    kw = dict(num_experts=self.num_experts, experts_fn=self._grouped_swiglu)
+    if tokens.active_mesh() is not None:
+      y = ES.expert_parallel(x, experts, weights, w, **kw)
     else:
-      ys = self._experts_ragged(x[src], counts.astype(jnp.int32))
-    ys = ys.astype(jnp.float32) * flat_w[order][:, None]
-    out = jnp.zeros((x.shape[0], x.shape[1]), jnp.float32).at[src].add(ys)
-    return out.astype(self.dtype)
+      y = ES.dispatch(x, experts, weights, w, **kw)
+    return y.astype(self.dtype)
 
   def _capacity(self, x: jax.Array, flat_e: jax.Array, flat_w: jax.Array,
                 token: jax.Array) -> tuple[jax.Array, jax.Array]:

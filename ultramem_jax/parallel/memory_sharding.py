@@ -24,14 +24,14 @@ shards only.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from ultramem_jax.parallel.rules import BATCH_AXES
+from ultramem_jax.parallel.tokens import (active_mesh, axis_size, on_tokens,
+                                          pad_tokens, token_shards)
 
 MEMORY = "memory"
 
@@ -42,54 +42,8 @@ def whole_cores(hc: int, m: int) -> bool:
   return hc % m == 0 or m % hc == 0
 
 
-def active_mesh():
-  """The abstract mesh in context, or None when there is none or it has a
-  single device (then the plain single-device code runs)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
-    return None
-  return mesh
-
-
 def group_size(mesh) -> int:
-  return dict(mesh.shape).get(MEMORY, 1)
-
-
-def batch_axes(mesh) -> tuple[str, ...]:
-  return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-
-
-def _on_axis(mesh, ndim: int, axis: int) -> P:
-  spec = [None] * ndim
-  spec[axis] = batch_axes(mesh)
-  return P(*spec)
-
-
-def shard_tokens(fn: Callable, mesh, args: tuple, token_axis: int = 0):
-  """fn(q, keys, u) on each device's tokens: the first argument split over
-  the batch axes on `token_axis`, the others replicated; outputs split
-  likewise."""
-  in_specs = (_on_axis(mesh, args[0].ndim, token_axis),) + tuple(P() for _ in args[1:])
-  out_specs = tuple(_on_axis(mesh, nd, token_axis) for nd in (3, 4))
-  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                       check_vma=False)(*args)
-
-
-def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """``lax.top_k`` over the last axis of x [N, ...], each device on its own
-  tokens (XLA's partitioner otherwise gathers every token's scores onto
-  every device before a top-k)."""
-  mesh = active_mesh()
-  shards = 1 if mesh is None else math.prod(dict(mesh.shape)[a] for a in batch_axes(mesh))
-  if mesh is None or x.shape[0] % shards:
-    return jax.lax.top_k(x, k)
-  spec = _on_axis(mesh, x.ndim, 0)
-  return jax.shard_map(lambda x: tuple(jax.lax.top_k(x, k)), mesh=mesh, in_specs=spec,
-                       out_specs=(spec, spec), check_vma=False)(x)
-
-
-def _pad_tokens(x, n: int):
-  return None if x is None else jnp.pad(x, [(0, n - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+  return axis_size(mesh, MEMORY)
 
 
 def sharded_read(slots, weights, values, *, z, pre_values, blocks,
@@ -103,13 +57,13 @@ def sharded_read(slots, weights, values, *, z, pre_values, blocks,
   <z, P[p]>; act the pre-value activation."""
   mesh = active_mesh()
   n, hc = weights.shape[0], weights.shape[2]
-  shards = math.prod(dict(mesh.shape)[a] for a in batch_axes(mesh))
+  shards = token_shards(mesh)
   if n % shards:   # e.g. decoding one sequence: pad with weight-0 tokens
     size = -(-n // shards) * shards
     out = sharded_read(
-        _pad_tokens(slots, size), _pad_tokens(weights, size), values,
-        z=_pad_tokens(z, size), pre_values=pre_values,
-        blocks=_pad_tokens(blocks, size), num_blocks=num_blocks, dtype=dtype,
+        pad_tokens(slots, size), pad_tokens(weights, size), values,
+        z=pad_tokens(z, size), pre_values=pre_values,
+        blocks=pad_tokens(blocks, size), num_blocks=num_blocks, dtype=dtype,
         mode=mode, read=read, pre_products=pre_products, act=act)
     return out[:n]
   e, pre = num_blocks, pre_values is not None
@@ -160,10 +114,10 @@ def sharded_read(slots, weights, values, *, z, pre_values, blocks,
 
   table = P(None, MEMORY) if mode == "column" else P(MEMORY, None)
   args = [slots, weights, blocks, values]
-  specs = [_on_axis(mesh, 2, 0), _on_axis(mesh, 3, 0), _on_axis(mesh, 2, 0), table]
+  specs = [on_tokens(mesh, 2, 0), on_tokens(mesh, 3, 0), on_tokens(mesh, 2, 0), table]
   if pre:
     args += [z, pre_values]
-    specs += [_on_axis(mesh, 2, 0), table]
+    specs += [on_tokens(mesh, 2, 0), table]
   return jax.shard_map(column if mode == "column" else row, mesh=mesh,
                        in_specs=tuple(specs),
-                       out_specs=_on_axis(mesh, 2, 0), check_vma=False)(*args)
+                       out_specs=on_tokens(mesh, 2, 0), check_vma=False)(*args)

@@ -47,6 +47,12 @@ def check_mesh_divides(cfg: Config, sizes: dict[str, int]) -> None:
           "divide one another under model.memory.table_sharding=column (each "
           "device's columns belong to whole cores); choose another size or "
           "table_sharding=row")
+  moe, x = cfg.model.ffn.moe, sizes.get("expert", 1)
+  if cfg.model.ffn.kind == "moe" and x > 1 and moe.capacity_factor > 0:
+    raise ConfigError(
+        f"mesh.expert: {x} devices need dropless routing, but "
+        f"model.ffn.moe.capacity_factor={moe.capacity_factor}; set it to 0 "
+        "(expert parallelism exchanges every assignment) or mesh.expert=1")
   model = abstract_model(cfg)
   for path, var in nnx.to_flat_state(nnx.state(model)):
     names = var.get_metadata().get("out_sharding") or ()

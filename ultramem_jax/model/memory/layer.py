@@ -26,6 +26,7 @@ from ultramem_jax.model.common import (AuxLoss, LayerMetric, dtype_of,
                                        linear_std, normal_param, param, rms_norm)
 from ultramem_jax.model.memory import retrieval as R
 from ultramem_jax.parallel import memory_sharding as MS
+from ultramem_jax.parallel import tokens
 from ultramem_jax.model.memory.values import (ACTIVATIONS, pre_value_products,
                                               weighted_value_sum)
 
@@ -204,13 +205,13 @@ class MemoryLayer(nnx.Module):
       # 3. Rank-1 pre-filter: a = u . S_row, b = v . S_col; top-K of each.
       pre["a"], pre["b"] = R.prefilter_scores(s_row, s_col, u, v)
       if not self.use_pallas:
-        top_rows, r_sel = R.top_k_keys(pre["a"], s_row, self.k, MS.top_k)
-        top_cols, c_sel = R.top_k_keys(pre["b"], s_col, self.k, MS.top_k)
+        top_rows, r_sel = R.top_k_keys(pre["a"], s_row, self.k, tokens.top_k)
+        top_cols, c_sel = R.top_k_keys(pre["b"], s_col, self.k, tokens.top_k)
     pre.update(top_rows=top_rows, top_cols=top_cols)
     # 4. Exact scores on the K x K grid with every core; keep the top m.
     cores = self.cores[...] if self.tucker else None
     kept = R.grid_top_m(r_sel, c_sel, top_rows, top_cols, cores, self.top_m,
-                        MS.top_k)
+                        tokens.top_k)
     return kept, pre
 
   def _pallas_topk(self, q_row, q_col, u, v):
@@ -227,11 +228,11 @@ class MemoryLayer(nnx.Module):
     topk = lambda q, keys, uv: product_key_topk(q, keys, uv, self.k,
                                                 interpret=self.interpret)
     args = (q, keys.astype(q.dtype), uv.reshape(2 * h, r))
-    mesh = MS.active_mesh()
+    mesh = tokens.active_mesh()
     if mesh is None:
       idx, scores = topk(*args)
     else:   # each device scores its own tokens; keys are replicated
-      idx, scores = MS.shard_tokens(topk, mesh, args, token_axis=1)
+      idx, scores = tokens.shard_tokens(topk, mesh, args, token_axis=1)
     idx = jnp.transpose(idx.reshape(h, 2, n, -1), (1, 2, 0, 3))     # [2, N, H, K]
     scores = jnp.transpose(scores.reshape(h, 2, n, -1, r), (1, 2, 0, 3, 4))
     return (idx[0], scores[0]), (idx[1], scores[1])
@@ -264,7 +265,7 @@ class MemoryLayer(nnx.Module):
     if self.pre_value_dim:
       z = x @ self.w_p[...].astype(dt) if self.pre_value_proj else x
       pre_values = table.pre_values[...]
-    mesh = MS.active_mesh()
+    mesh = tokens.active_mesh()
     if mesh is not None and (self.use_pallas or MS.group_size(mesh) > 1):
       # Over a mesh: tables sharded over `memory`, explicit collectives.
       o = MS.sharded_read(
