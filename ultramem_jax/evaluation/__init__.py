@@ -1,0 +1,1 @@
+"""The subcommands of eval.py, one module each."""
