@@ -1,9 +1,16 @@
 """Parameter and FLOP counts of a config, from ``jax.eval_shape`` (nothing is
-allocated, so a 7B config answers in seconds).
+allocated, so a 7B config answers in seconds), and what its collectives cost
+on the config's mesh.
 
     python -m ultramem_jax.inspect configs/tiny_dense.yaml [key=value ...]
+        [--devices N] [--table]
 
-prints one JSON object. The conventions:
+prints one JSON object (``--table``: a table of the collectives instead).
+``mesh.*`` overrides choose the mesh (``mesh.data=2 mesh.memory=4``); the
+axis set to -1 (``mesh.data`` by default) takes the devices the others
+leave of ``--devices N``, which defaults to the devices JAX sees here (as
+``train.py`` would); with no -1 axis the mesh is the sizes given and N
+defaults to their product. The conventions:
 
 - ``embedding_params``: the token-embedding matrix, plus the output matrix
   when it is not tied.
@@ -21,6 +28,10 @@ prints one JSON object. The conventions:
   over a full context of ``data.seq_len`` (4 * L * seq_len * heads * head_dim;
   no causal halving). FFN kinds may refine their part with
   ``flops_per_token()``.
+- ``collectives``: per layer, each collective's bytes per token forward and
+  backward (bytes one device sends / tokens it processes), and per step the
+  parameter all-gathers and gradient reductions (bytes one device sends);
+  formulas and what is approximate in ``parallel/collective_cost.py``.
 """
 
 from __future__ import annotations
@@ -36,7 +47,9 @@ from flax import nnx
 from ultramem_jax.config import Config, ConfigError, load_config
 from ultramem_jax.memory_geometry import memory_geometry
 from ultramem_jax.model.transformer import Transformer
-from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh
+from ultramem_jax.parallel import collective_cost as CC
+from ultramem_jax.parallel.mesh import mesh_shape, single_device_mesh, use_mesh
+from ultramem_jax.training.guards import check_mesh_divides
 
 
 def _count(tree) -> int:
@@ -60,8 +73,40 @@ def abstract_model(cfg: Config) -> Transformer:
     return nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
 
 
-def inspect_config(cfg: Config) -> dict:
+def mesh_sizes(cfg: Config, devices: int | None = None) -> dict[str, int]:
+  """Axis sizes of the config's mesh over `devices` (default: the devices
+  JAX sees when an axis is -1, else the product of the sizes given)."""
+  sizes = [getattr(cfg.mesh, a) for a in cfg.mesh.axis_names]
+  given = devices is not None
+  if not given:
+    devices = jax.device_count() if -1 in sizes else math.prod(sizes)
+  try:
+    return dict(zip(cfg.mesh.axis_names, mesh_shape(cfg.mesh, devices)))
+  except ConfigError as e:
+    if given:
+      raise
+    raise ConfigError(f"{e} (JAX sees {devices} here; inspect --devices N "
+                      "sizes the mesh for N devices)") from None
+
+
+def param_infos(model: Transformer) -> list[CC.ParamInfo]:
+  """Every parameter's path, size, element bytes and logical axis names."""
+  out = []
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+    out.append(CC.ParamInfo("/".join(map(str, path)), math.prod(var.shape),
+                            var.dtype.itemsize, tuple(names)))
+  return out
+
+
+def inspect_config(cfg: Config, devices: int | None = None) -> dict:
+  """Counts of `cfg` and its collectives on the mesh over `devices`
+  (see ``mesh_sizes``). Raises ConfigError for a mesh that cannot be built
+  or that does not divide a sharded dimension."""
+  sizes = mesh_sizes(cfg, devices)
   model = abstract_model(cfg)
+  if any(n > 1 for a, n in sizes.items() if a != "data"):
+    check_mesh_divides(cfg, sizes)   # (data shards no parameter)
   m = cfg.model
   vocab, d = resolved_vocab(cfg), m.d_model
   params = nnx.state(model, nnx.Param)
@@ -102,6 +147,7 @@ def inspect_config(cfg: Config) -> dict:
       "seq_len": cfg.data.seq_len,
       "ffn_kind": m.ffn.kind,
       **_memory_summary(model, cfg),
+      "collectives": CC.collective_report(cfg, sizes, param_infos(model)),
   }
 
 
@@ -129,17 +175,75 @@ def _memory_summary(model: Transformer, cfg: Config) -> dict:
   }}
 
 
+def _bytes(x: float) -> str:
+  for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    if abs(x) >= scale:
+      return f"{x / scale:.3g} {unit}"
+  return f"{x:.4g} B"
+
+
+def collectives_table(c: dict) -> str:
+  """The ``collectives`` section as text: one row per op of each layer
+  group (bytes per token), then the per-step rows (bytes per device)."""
+  mesh = " ".join(f"{a}={n}" for a, n in c["mesh"].items())
+  lines = [f"mesh {mesh}; {c['tokens_per_step']} tokens per step, "
+           f"{c['tokens_per_device']} per device", "",
+           f"{'layers':<24} {'op (bwd op)':<28} {'group':>9} {'fwd B/tok':>10} "
+           f"{'bwd B/tok':>10}  what"]
+  for e in c["per_layer"]:
+    ls = e["layers"]
+    where = (f"{e['kind']} x{len(ls)}" if len(ls) > 1 else
+             e["kind"] if isinstance(ls[0], str) else f"{e['kind']} {ls[0]}")
+    for o in e["ops"]:
+      op = o["op"] + (f" ({o['op_bwd']})" if o["op_bwd"] not in (None, o["op"]) else "")
+      mark = "~" if o.get("approximate") else ""
+      lines.append(f"{where[:24]:<24} {op:<28} {o['axis'] + ':' + str(o['group']):>9} "
+                   f"{o['bytes_per_token_fwd']:>10} {o['bytes_per_token_bwd']:>10}"
+                   f"  {mark}{o['what']}")
+  t = c["per_token"]
+  lines += [f"{'all layers':<24} {'':<28} {'':>9} {t['fwd']:>10} {t['bwd']:>10}"
+            f"  = {t['total']} bytes per token", "",
+            f"{'per step':<24} {'op':<28} {'group':>9} {'B/device':>10}  what"]
+  for e in c["per_step"]:
+    lines.append(f"{'':<24} {e['op']:<28} {e['group']:>9} "
+                 f"{_bytes(e['bytes_per_device']):>10}  {e['what']} "
+                 f"over {'*'.join(e['axes'])}")
+  s = c["per_device_per_step"]
+  lines += ["", f"per device per step: activations {_bytes(s['activations'])}, "
+            f"parameters and counters {_bytes(s['parameters_and_counters'])}, "
+            f"total {_bytes(s['total'])}; ~: approximate, per step: all approximate"]
+  return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
+  argv = list(sys.argv[1:] if argv is None else argv)
   if not argv or argv[0] in ("-h", "--help"):
     print(__doc__)
     return 0 if argv else 2
+  devices, table, rest = None, False, []
+  it = iter(argv)
+  for arg in it:
+    if arg == "--table":
+      table = True
+    elif arg == "--devices" or arg.startswith("--devices="):
+      value = arg.split("=", 1)[1] if "=" in arg else next(it, "")
+      if not value.isdigit() or int(value) < 1:
+        print(f"error: --devices: expected a positive integer, got {value!r}",
+              file=sys.stderr)
+        return 2
+      devices = int(value)
+    else:
+      rest.append(arg)
+  if not rest:
+    print("error: no config file given", file=sys.stderr)
+    return 2
   try:
-    cfg = load_config(argv[0], argv[1:])
+    cfg = load_config(rest[0], rest[1:])
+    out = inspect_config(cfg, devices)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(json.dumps(inspect_config(cfg), indent=2))
+  print(collectives_table(out["collectives"]) if table else json.dumps(out, indent=2))
   return 0
 
 
