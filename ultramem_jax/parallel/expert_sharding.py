@@ -17,8 +17,9 @@ by expert:
 
 ``jax.lax.ragged_all_to_all`` runs on TPU and GPU; XLA:CPU does not
 implement it, so on CPU the same exchange is emulated with a dense
-``all_to_all`` of worst-case size (X times the bytes). Both take the same
-offsets, so the bookkeeping tested on CPU is what runs on accelerators.
+``all_to_all`` of worst-case size (X times the ragged bytes out, X^2 back
+from the worst-case receive buffer). Both take the same offsets, so the
+bookkeeping tested on CPU is what runs on accelerators.
 The receive buffer is worst-case sized (X*a rows: every sender could route
 everything to one device), as in MaxText's dropless expert parallelism.
 """
