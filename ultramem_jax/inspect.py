@@ -3,7 +3,7 @@ allocated, so a 7B config answers in seconds), and what its collectives cost
 on the config's mesh.
 
     python -m ultramem_jax.inspect configs/tiny_dense.yaml [key=value ...]
-        [--devices N] [--table]
+        [--devices N] [--batch 1,8,64] [--table]
 
 prints one JSON object (``--table``: a table of the collectives instead).
 ``mesh.*`` overrides choose the mesh (``mesh.data=2 mesh.memory=4``); the
@@ -28,6 +28,10 @@ defaults to their product. The conventions:
   over a full context of ``data.seq_len`` (4 * L * seq_len * heads * head_dim;
   no causal halving). FFN kinds may refine their part with
   ``flops_per_token()``.
+- ``decode``: for each batch size B of ``--batch``, the bytes one decode
+  step reads from parameters (experts touched ``min(B*k, E)``, value rows
+  ``min(B*m, N)``, all keys and dense weights; spec section 7) and the KV
+  cache at context ``data.seq_len``; formulas in ``decode_cost.py``.
 - ``collectives``: per layer, each collective's bytes per token forward and
   backward (bytes one device sends / tokens it processes), and per step the
   parameter all-gathers and gradient reductions (bytes one device sends);
@@ -45,6 +49,7 @@ import jax
 from flax import nnx
 
 from ultramem_jax.config import Config, ConfigError, load_config
+from ultramem_jax.decode_cost import Param, decode_report
 from ultramem_jax.memory_geometry import memory_geometry
 from ultramem_jax.model.transformer import Transformer
 from ultramem_jax.parallel import collective_cost as CC
@@ -99,7 +104,13 @@ def param_infos(model: Transformer) -> list[CC.ParamInfo]:
   return out
 
 
-def inspect_config(cfg: Config, devices: int | None = None) -> dict:
+def decode_params(model: Transformer) -> list[Param]:
+  return [Param("/".join(map(str, path)), tuple(var.shape), var.dtype.itemsize)
+          for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+
+
+def inspect_config(cfg: Config, devices: int | None = None,
+                   batches: tuple[int, ...] = (1, 8, 64)) -> dict:
   """Counts of `cfg` and its collectives on the mesh over `devices`
   (see ``mesh_sizes``). Raises ConfigError for a mesh that cannot be built
   or that does not divide a sharded dimension."""
@@ -147,6 +158,7 @@ def inspect_config(cfg: Config, devices: int | None = None) -> dict:
       "seq_len": cfg.data.seq_len,
       "ffn_kind": m.ffn.kind,
       **_memory_summary(model, cfg),
+      "decode": decode_report(cfg, decode_params(model), batches),
       "collectives": CC.collective_report(cfg, sizes, param_infos(model)),
   }
 
@@ -220,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
   if not argv or argv[0] in ("-h", "--help"):
     print(__doc__)
     return 0 if argv else 2
-  devices, table, rest = None, False, []
+  devices, table, rest, batches = None, False, [], (1, 8, 64)
   it = iter(argv)
   for arg in it:
     if arg == "--table":
@@ -232,6 +244,14 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
       devices = int(value)
+    elif arg == "--batch" or arg.startswith("--batch="):
+      value = arg.split("=", 1)[1] if "=" in arg else next(it, "")
+      parts = value.split(",")
+      if not all(x.isdigit() and int(x) > 0 for x in parts):
+        print(f"error: --batch: expected positive integers separated by commas, "
+              f"got {value!r}", file=sys.stderr)
+        return 2
+      batches = tuple(int(x) for x in parts)
     else:
       rest.append(arg)
   if not rest:
@@ -239,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   try:
     cfg = load_config(rest[0], rest[1:])
-    out = inspect_config(cfg, devices)
+    out = inspect_config(cfg, devices, batches)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

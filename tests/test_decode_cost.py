@@ -1,0 +1,51 @@
+"""Bytes a decode step reads (spec section 7), against hand formulas."""
+
+import pytest
+
+from ultramem_jax.config import load_config
+from ultramem_jax.inspect import inspect_config
+
+
+def decode(cfg, batches):
+  return {r["batch"]: r for r in inspect_config(cfg, 1, batches)["decode"]}
+
+
+def test_moe_reads_the_experts_it_can_touch():
+  cfg = load_config("configs/tiny_moe.yaml", [])
+  m, e = cfg.model, cfg.model.ffn.moe
+  out = decode(cfg, (1, 4, 10_000))
+  expert = 3 * m.d_model * e.expert_dim * 4            # float32 weights
+  for b, r in out.items():
+    assert r["by_kind"]["experts"] == m.n_layers * min(b * e.top_k, e.num_experts) * expert
+    assert r["experts_read"] == m.n_layers * min(b * e.top_k, e.num_experts)
+  # Enough tokens touch every expert: every parameter is read once.
+  total = inspect_config(cfg, 1)["total_params"] * 4
+  assert out[10_000]["param_bytes"] == total
+  assert out[1]["param_bytes"] < total / 3   # 8 of 64 experts, plus the rest
+
+
+@pytest.mark.parametrize("config", ["configs/tiny_ultramem_v2.yaml",
+                                    "configs/tiny_ultramem.yaml"])
+def test_memory_layer_reads_m_rows_per_token(config):
+  cfg = load_config(config, [])
+  info = inspect_config(cfg, 1, (1, 3, 10**7))
+  mem = info["memory"]
+  out = {r["batch"]: r for r in info["decode"]}
+  m = cfg.model.memory.heads * cfg.model.memory.top_m
+  width = cfg.model.value_dim + (cfg.model.memory.pre_value_dim
+                                 if cfg.model.memory.pre_value_dim else 0)
+  layers = len(mem["layers"])
+  for b in (1, 3):
+    rows = layers * min(b * m, mem["table_rows"])
+    assert out[b]["memory_rows_read"] == rows
+    assert out[b]["by_kind"]["memory_rows"] == rows * width * 4
+  assert out[10**7]["param_bytes"] == info["total_params"] * 4
+  # Keys, projections and the dense FFN are read whole at any batch.
+  assert out[1]["by_kind"]["dense"] == out[10**7]["by_kind"]["dense"]
+
+
+def test_kv_cache_bytes():
+  cfg = load_config("configs/tiny_dense.yaml", ["data.seq_len=64"])
+  m = cfg.model
+  r = decode(cfg, (8,))[8]
+  assert r["kv_cache_bytes"] == 2 * m.n_layers * 8 * 64 * m.kv_heads * m.attn_head_dim * 4
