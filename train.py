@@ -1,8 +1,16 @@
 """Train a model: python train.py --config configs/tiny_dense.yaml [key=value ...]
 
+Several processes (one per host of a TPU pod slice or GPU cluster, or
+several on one machine) train one model together: run the same command on
+every host with --distributed where JAX detects the cluster (Cloud TPU pod
+slice, SLURM, Open MPI), or give each process --coordinator HOST:PORT
+--num_processes N --process_id I. train.run_dir must be one directory that
+every process sees (a shared filesystem).
+
 Exit status: 0 when training finished or was stopped by SIGTERM/SIGINT
 (with a checkpoint saved; run the same command to resume), 2 for a bad
-config or bad data (nothing was trained), 3 when training diverged.
+config, bad arguments or bad data (nothing was trained), 3 when training
+diverged.
 """
 
 from __future__ import annotations
@@ -14,16 +22,43 @@ from ultramem_jax.config import ConfigError, load_config
 from ultramem_jax.data.corpora import DataError
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      description=__doc__,
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
       epilog="Overrides are dotted config keys, e.g. optimizer.lr=1e-3 train.steps=200")
   parser.add_argument("--config", required=True, help="YAML config file")
   parser.add_argument("overrides", nargs="*", help="dotted.key=value")
+  group = parser.add_argument_group(
+      "multi-process runs", "one process per host; every process gets the "
+      "same config and overrides")
+  group.add_argument("--distributed", action="store_true",
+                     help="join a multi-process run whose processes JAX detects "
+                     "(Cloud TPU pod slice, SLURM, Open MPI): the same command "
+                     "on every host")
+  group.add_argument("--coordinator", metavar="HOST:PORT",
+                     help="address of process 0, the same for every process")
+  group.add_argument("--num_processes", type=int, metavar="N",
+                     help="number of processes in the run")
+  group.add_argument("--process_id", type=int, metavar="I",
+                     help="this process's index, 0..N-1")
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = _parser()
   args = parser.parse_args(argv)
   try:
     cfg = load_config(args.config, args.overrides)
     # JAX is imported only after the config checks.
+    from ultramem_jax.parallel import distributed  # noqa: PLC0415
+    launch = distributed.Launch(args.distributed, args.coordinator,
+                                args.num_processes, args.process_id)
+    problem = distributed.launch_error(launch)
+    if problem:
+      parser.error(problem)  # exits with status 2
+    if launch.enabled:  # before anything touches a JAX device
+      distributed.initialize(launch)
+      print(distributed.describe(), flush=True)
     from ultramem_jax.training.health import Diverged  # noqa: PLC0415
     from ultramem_jax.training.loop import train  # noqa: PLC0415
   except (ConfigError, DataError) as e:

@@ -87,7 +87,10 @@ def _to_example(rows: np.ndarray) -> dict[str, np.ndarray]:
 
 def train_dataset(rows: np.ndarray, global_batch: int, seed: int,
                   process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-  """Infinite, shuffled (a new order each epoch), per-process batches."""
+  """Infinite, shuffled (a new order each epoch), per-process batches: with
+  `process_count` > 1, process i takes every process_count-th row from i, so
+  the processes' batches at one step together hold the rows that one process
+  would have batched alone."""
   if global_batch % process_count:
     raise ValueError(f"data.batch_size={global_batch} must be divisible by the "
                      f"{process_count} processes")
@@ -97,10 +100,16 @@ def train_dataset(rows: np.ndarray, global_batch: int, seed: int,
   return ds.batch(global_batch // process_count, drop_remainder=True).map(_to_example)
 
 
-def eval_batches(rows: np.ndarray, batch_size: int,
-                 max_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(rows: np.ndarray, batch_size: int, max_batches: int = 0,
+                 part: int = 0, parts: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Every validation row once, in order; the last batch is padded and the
-  padding carries weight 0, so the mean loss covers exactly the rows."""
+  padding carries weight 0, so the mean loss covers exactly the rows.
+
+  Of each global batch, yields only rows of `part` (of `parts` equal parts):
+  in a multi-process run each process places its own part on the mesh."""
+  if batch_size % parts:
+    raise ValueError(f"batch_size={batch_size} does not split into {parts} parts")
+  size = batch_size // parts
   n = len(rows) if not max_batches else min(len(rows), max_batches * batch_size)
   for start in range(0, n, batch_size):
     chunk = rows[start:min(start + batch_size, n)]
@@ -109,4 +118,5 @@ def eval_batches(rows: np.ndarray, batch_size: int,
     if pad:
       chunk = np.concatenate([chunk, np.zeros((pad, chunk.shape[1]), chunk.dtype)])
       weights = np.concatenate([weights, np.zeros((pad, weights.shape[1]), np.float32)])
-    yield {**_to_example(chunk), "weights": weights}
+    mine = slice(part * size, (part + 1) * size)
+    yield {**_to_example(chunk[mine]), "weights": weights[mine]}

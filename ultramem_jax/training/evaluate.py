@@ -8,20 +8,26 @@ import jax
 import numpy as np
 
 from ultramem_jax.data.pipeline import eval_batches
+from ultramem_jax.parallel.distributed import batch_shard
 
 
-def shard_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
-  """Places this process's part of a global batch on the mesh."""
-  return {k: jax.make_array_from_process_local_data(sharding, v)
+def shard_batch(batch: dict[str, np.ndarray], sharding,
+                global_batch: int) -> dict[str, jax.Array]:
+  """Places this process's rows of a global batch of `global_batch` rows on
+  the mesh (one process: all of them)."""
+  return {k: jax.make_array_from_process_local_data(
+              sharding, v, (global_batch, *v.shape[1:]))
           for k, v in batch.items()}
 
 
 def evaluate(eval_step: Callable, state, rows: np.ndarray, batch_size: int,
              sharding, max_batches: int = 0) -> tuple[float, int]:
-  """(mean loss in nats/token, number of target tokens) over `rows`."""
+  """(mean loss in nats/token, number of target tokens) over `rows`; every
+  process holds all of `rows` and places only its part of each batch."""
+  part, parts = batch_shard(sharding, batch_size)
   total, count = 0.0, 0.0
-  for batch in eval_batches(rows, batch_size, max_batches):
-    s, c = eval_step(state, shard_batch(batch, sharding))
+  for batch in eval_batches(rows, batch_size, max_batches, part, parts):
+    s, c = eval_step(state, shard_batch(batch, sharding, batch_size))
     total += float(s)
     count += float(c)
   return total / count, int(count)

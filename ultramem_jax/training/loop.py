@@ -21,9 +21,11 @@ import numpy as np
 import yaml
 
 from ultramem_jax.config import Config, ConfigError, fault_steps, save_config, to_dict
+from ultramem_jax.data.corpora import DataError
 from ultramem_jax.data.pipeline import prepare_data, train_dataset
 from ultramem_jax.data.tokenizer import FILENAME as TOKENIZER_FILE
 from ultramem_jax.data.tokenizer import load_tokenizer
+from ultramem_jax.parallel.distributed import barrier, batch_shard, processes_differing
 from ultramem_jax.parallel.mesh import batch_sharding, make_mesh, mesh_shape, use_mesh
 from ultramem_jax.parallel.rules import BATCH_AXES
 from ultramem_jax.training.checkpoint import Checkpointer, abstract_like
@@ -171,6 +173,19 @@ def _check_batch(cfg: Config, mesh_sizes: dict[str, int]) -> None:
         "batch is split over all four)")
 
 
+def _check_process_count(paths: RunPaths, step: int) -> None:
+  """The data-iterator position of checkpoint `step` is saved per process
+  (grain writes ``data/process_<i>-of-<n>.json``), so only the same number
+  of processes can resume it; another number is a usage error, not damage."""
+  data = paths.checkpoints / str(step) / "data"
+  counts = sorted({int(f.stem.rpartition("-of-")[2]) for f in data.glob("process_*-of-*.json")})
+  if counts and counts != [jax.process_count()]:
+    raise ConfigError(
+        f"train.run_dir: checkpoint {step} was written by {counts[0]} "
+        f"process(es); this run has {jax.process_count()}; resume it with "
+        f"{counts[0]}, or start a new train.run_dir")
+
+
 def train(cfg: Config, *, stop_at_step: int | None = None,
           log: Callable[[str], None] | None = None) -> TrainResult:
   """Trains `cfg` to `cfg.train.steps` (or stops after `stop_at_step`,
@@ -190,33 +205,51 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
   _check_batch(cfg, sizes)
   check_writable(paths.root)
   resume_step, replace = check_run_dir(cfg)
+  if resume_step is not None:
+    _check_process_count(paths, resume_step)
   tokenizer = None
   if resume_step is not None and paths.tokenizer.exists():
     tokenizer = load_tokenizer(paths.tokenizer)
   data = prepare_data(cfg.data, tokenizer=tokenizer, log=say)
   cfg = _resolve_vocab(cfg, data.tokenizer.vocab_size)
   check_mesh_divides(cfg, sizes)
+  mesh = make_mesh(cfg.mesh)
+  sharding = batch_sharding(mesh)
+  shard_index, shard_count = batch_shard(sharding, cfg.data.batch_size)
+  # Each process prepared the data itself; one that differs (other files
+  # under data.source, another tokenizer) would train on other rows.
+  differing = processes_differing(data.train_rows, data.val_rows)
+  if differing:
+    raise DataError(
+        f"data.source: process(es) {differing} prepared other data than process "
+        "0 (other files, or another tokenizer); every host needs the same "
+        "data.source contents and the same train.run_dir")
 
-  # --- from here on the run directory is written ---
-  if replace and is_main:
-    say(f"train.overwrite: moved the previous run to {_move_aside(paths.root)}")
-  paths.root.mkdir(parents=True, exist_ok=True)
+  # --- from here on the run directory is written (by process 0; the others
+  # wait, so that every process has decided on resuming before it changes) ---
+  barrier("run directory checked")
   if is_main:
+    if replace:
+      say(f"train.overwrite: moved the previous run to {_move_aside(paths.root)}")
+    paths.root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, paths.config)
     if tokenizer is None:
       data.tokenizer.save(paths.tokenizer)
-  mesh = make_mesh(cfg.mesh)
+  barrier("run directory written")
   say(f"mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} "
-      f"device(s), {jax.process_count()} process(es)")
+      f"device(s), {jax.process_count()} process(es)"
+      + (f"; this process reads part {shard_index + 1} of {shard_count} of "
+         "each batch" if jax.process_count() > 1 else ""))
 
   with use_mesh(mesh), StopRequest(log) as stop:
     graphdef, state = create_state(cfg)
     say(f"model: {param_count(state):,} parameters; data: {data.stats}")
 
+    # This process reads only its part of every global batch.
     data_iter = iter(train_dataset(data.train_rows, cfg.data.batch_size,
                                    seed=cfg.train.seed,
-                                   process_index=jax.process_index(),
-                                   process_count=jax.process_count()))
+                                   process_index=shard_index,
+                                   process_count=shard_count))
     checkpointer = Checkpointer(paths.checkpoints, cfg.train.max_to_keep)
     step = 0
     if resume_step is not None:
@@ -227,13 +260,12 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
         step, state, _ = found
         say(f"resumed from {paths.checkpoints / str(step)}")
 
-    sharding = batch_sharding(mesh)
     schedule = lr_schedule(cfg.optimizer, cfg.train.steps)
     eval_step = make_eval_step(graphdef)
     faults = fault_steps(cfg.train)
 
     def next_batch(at_step: int) -> dict:
-      batch = shard_batch(next(data_iter), sharding)
+      batch = shard_batch(next(data_iter), sharding, cfg.data.batch_size)
       if faults:  # the test hook: a NaN objective at the chosen steps
         batch["nan_fault"] = jnp.float32(math.nan if at_step in faults else 0.0)
       return batch
@@ -252,8 +284,9 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
     writer = ScalarWriter(paths.tensorboard, paths.root / METRICS_FILE,
                           enabled=is_main)
     health = HealthMonitor(cfg.train.max_skipped_steps, cfg.train.spike_factor)
-    progress = Progress(cfg.train.steps, step, cfg.train.progress_bar)
-    say = progress.write if cfg.train.progress_bar else log
+    show_bar = cfg.train.progress_bar and is_main
+    progress = Progress(cfg.train.steps, step, show_bar)
+    say = progress.write if show_bar else log
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     losses: dict[int, float] = {}
     pending: list[tuple[int, dict]] = []
