@@ -56,8 +56,10 @@ class MoEConfig:
   # native on TPU/GPU), `blocked` (each expert's rows padded to blocks of
   # `block_size`, one batched matmul with per-block weights: exact, about
   # 1.1x the ideal FLOPs; XLA's CPU ragged_dot is a dense masked product with
-  # E times the FLOPs), or `auto` (blocked on CPU, ragged_dot elsewhere).
-  grouped_matmul: Literal["auto", "ragged_dot", "blocked"] = "auto"
+  # E times the FLOPs), `gather` (each row's expert weights gathered: reads
+  # only the experts used, for decoding), or `auto` (gather when there are
+  # no more rows than experts, else blocked on CPU and ragged_dot elsewhere).
+  grouped_matmul: Literal["auto", "ragged_dot", "blocked", "gather"] = "auto"
   block_size: int = 64
 
 

@@ -53,6 +53,22 @@ def grouped_swiglu_ragged(xs: jax.Array, group_sizes: jax.Array, w_gate: jax.Arr
   return rd(gate * rd(xs, w_up, group_sizes), w_down, group_sizes)
 
 
+def grouped_swiglu_gather(xs: jax.Array, group_sizes: jax.Array, w_gate: jax.Array,
+                          w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+  """The same grouped SwiGLU with each row's expert weights gathered:
+  [rows, d, f] per matrix. It reads only the experts the rows use, which is
+  what a decode step should cost (spec section 7: min(B*k, E) experts), and
+  is chosen by ``auto`` when there are no more rows than experts. Rows past
+  sum(g) give zeros."""
+  ends = jnp.cumsum(group_sizes)
+  row = jnp.arange(xs.shape[0])
+  expert = jnp.minimum(jnp.searchsorted(ends, row, side="right"),
+                       group_sizes.shape[0] - 1)
+  mm = lambda v, w: jnp.einsum("ri,rio->ro", v, w[expert])
+  out = mm(jax.nn.silu(mm(xs, w_gate)) * mm(xs, w_up), w_down)
+  return jnp.where((row < ends[-1])[:, None], out, 0)
+
+
 def grouped_swiglu_blocked(xs: jax.Array, group_sizes: jax.Array, w_gate: jax.Array,
                            w_up: jax.Array, w_down: jax.Array,
                            block: int) -> jax.Array:
@@ -172,9 +188,14 @@ class MoE(nnx.Module):
                       w_down: jax.Array) -> jax.Array:
     impl = self.grouped_matmul
     if impl == "auto":
-      impl = "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+      if xs.shape[0] <= group_sizes.shape[0]:   # decoding: few rows
+        impl = "gather"
+      else:
+        impl = "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
     dt = self.dtype
     w = (w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt))
+    if impl == "gather":
+      return grouped_swiglu_gather(xs, group_sizes, *w)
     if impl == "blocked":
       return grouped_swiglu_blocked(xs, group_sizes, *w, self.block_size)
     return grouped_swiglu_ragged(xs, group_sizes, *w)
