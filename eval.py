@@ -1,14 +1,42 @@
 """Evaluate a trained run.
 
-    python eval.py loss --run_dir runs/tiny_dense [--step N] [key=value ...]
+    python eval.py loss --run_dir runs/tiny_dense [--step N]
+        [--corpora wiki,sotu,PATH] [--context 512] [--buckets pow2|WIDTH]
+        [--position_corpora ...|none] [--all_documents] [--out DIR]
+        [--no_progress] [key=value ...]
+    python eval.py loss --config C --checkpoint RUN/checkpoints/N
+        [--tokenizer RUN/tokenizer.json] [same options]
 
-`loss` restores a checkpoint of the run (the latest unless --step is given),
-rebuilds the run's validation split with its saved config and tokenizer, and
-reports the held-out loss and perplexity over every validation token, with
-the unigram entropy of the same tokens for scale. The result is printed as
-JSON and written to RUN/eval/loss_step<N>.json and .md. Overrides (e.g.
-mesh.data=1) change the saved config for this evaluation only; keys that
-change shapes or data are refused.
+`loss` restores a checkpoint of the run (the latest unless --step is given)
+and scores each corpus (default: the run's data.source) on the validation
+documents that the run's split (data.val_fraction, data.split_seed) gives
+it, tokenized with the run's tokenizer: loss, perplexity, tokens and unigram
+entropy per corpus. It also reports the loss by position within documents
+of at least --context tokens (default data.seq_len), in buckets of
+positions. The result is printed as JSON and written to
+RUN/eval/loss_step<N>.json and .md, with the loss by position as
+loss_by_position_step<N>.png. Overrides (e.g. mesh.data=1) change the saved
+config for this evaluation only; keys that change shapes or data are
+refused.
+
+    python eval.py generate --run_dir runs/tiny_dense --prompt "The" [--step N]
+        [--prompt ...] [--prompt_file F] [--max_new_tokens 64]
+        [--temperature 0] [--top_p 1] [--seed 0] [key=value ...]
+
+`generate` restores a checkpoint the same way and continues each prompt:
+the prompts in one prefill call that fills a key/value cache, then one
+jitted decode step per token (greedy at temperature 0, else sampled, top-p
+when --top_p < 1, reproducible for a --seed). It stops at --max_new_tokens
+or once every prompt has produced the end-of-text token, prints the texts,
+and reports tokens/s on stderr with a progress bar.
+
+    python eval.py cost --config configs/paper/moe_227m.yaml
+        [--config ...] [--batch 1,8,64] [--no_xla] [--out PATH] [key=value ...]
+
+`cost` prints, per config and batch size, the bytes a decode step reads by
+the formula of spec section 7 (parameters touched + KV cache) and FLOPs,
+beside XLA's cost_analysis() of the compiled decode step (lowered from
+abstract shapes: nothing is allocated).
 
 Each subcommand lives in ultramem_jax/evaluation/<name>.py with
 ``add_parser(subparsers)`` and ``run(args) -> exit status``.
@@ -25,7 +53,7 @@ import sys
 from ultramem_jax.config import ConfigError
 from ultramem_jax.data.corpora import DataError
 
-COMMANDS = ("loss",)
+COMMANDS = ("loss", "generate", "cost")
 
 
 def main(argv: list[str] | None = None) -> int:

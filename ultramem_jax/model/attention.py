@@ -8,6 +8,7 @@ from flax import nnx
 
 from ultramem_jax.config import ModelConfig
 from ultramem_jax.model.common import dtype_of, linear_std, normal_param, output_std
+from ultramem_jax.model.kv_cache import LayerCache
 
 
 def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -42,21 +43,51 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     """x: [B, T, d]; positions: [B, T]. Token t attends to tokens s <= t."""
+    q, k, v = self._project(x, positions)
+    causal = positions[:, :, None] >= positions[:, None, :]  # [B, T, S]
+    return self._output(attend(q, k, v, causal, self.dtype))
+
+  def extend(self, x: jax.Array, positions: jax.Array, cache: LayerCache,
+             index: jax.Array, visible: jax.Array
+             ) -> tuple[jax.Array, LayerCache]:
+    """Attention of T new tokens over the cache (generation, kv_cache.py).
+
+    x: [B, T, d]; positions: [B, T]; the new keys and values are written at
+    slots ``index .. index + T - 1`` and the queries attend to the cache
+    slots marked in visible [B, T, max_len]. Returns (output, cache).
+    """
+    q, k, v = self._project(x, positions)
+    cache = cache.write(k, v, index)
+    return self._output(attend(q, cache.k, cache.v, visible, self.dtype)), cache
+
+  def _project(self, x: jax.Array, positions: jax.Array):
+    """Queries, keys (both rotated) and values, [B, T, heads, head_dim]."""
     dt = self.dtype
     q = jnp.einsum("btd,dnh->btnh", x, self.wq[...].astype(dt))
     k = jnp.einsum("btd,dnh->btnh", x, self.wk[...].astype(dt))
     v = jnp.einsum("btd,dnh->btnh", x, self.wv[...].astype(dt))
-    q = rotary(q, positions, self.theta)
-    k = rotary(k, positions, self.theta)
-    b, t = x.shape[:2]
-    groups = self.n_heads // self.n_kv_heads
-    q = q.reshape(b, t, self.n_kv_heads, groups, self.head_dim)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k,
-                        preferred_element_type=jnp.float32)
-    scores = scores * self.head_dim ** -0.5
-    causal = positions[:, :, None] >= positions[:, None, :]  # [B, T, S]
-    scores = jnp.where(causal[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
-    out = out.reshape(b, t, self.n_heads, self.head_dim)
-    return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dt))
+    return rotary(q, positions, self.theta), rotary(k, positions, self.theta), v
+
+  def _output(self, out: jax.Array) -> jax.Array:
+    """[B, T, heads, head_dim] -> [B, T, d]."""
+    return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(self.dtype))
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+           dtype) -> jax.Array:
+  """softmax(q k^T / sqrt(H)) v over the keys allowed by `mask`.
+
+  q: [B, T, heads, H]; k, v: [B, S, kv_heads, H] (each kv head serves
+  heads / kv_heads query heads); mask: [B, T, S] bool. Scores and the
+  softmax are float32. Returns [B, T, heads, H] in `dtype`.
+  """
+  b, t, n_heads, hd = q.shape
+  n_kv = k.shape[2]
+  q = q.reshape(b, t, n_kv, n_heads // n_kv, hd)
+  scores = jnp.einsum("btkgh,bskh->bkgts", q, k,
+                      preferred_element_type=jnp.float32)
+  scores = scores * hd ** -0.5
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+  return out.reshape(b, t, n_heads, hd)

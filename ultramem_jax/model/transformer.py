@@ -12,6 +12,7 @@ from ultramem_jax.model.attention import Attention
 from ultramem_jax.model.common import (LayerMetric, RMSNorm, dtype_of,
                                        linear_std, normal_param)
 from ultramem_jax.model.ffn import build_ffn
+from ultramem_jax.model.kv_cache import KVCache, LayerCache
 from ultramem_jax.model.memory import MemoryLayer, MemoryTable, calibrate_memory
 from ultramem_jax.parallel.rules import constrain
 
@@ -49,7 +50,23 @@ class Block(nnx.Module):
                memory_table: MemoryTable | None = None
                ) -> tuple[jax.Array, jax.Array | None]:
     """Returns (x, output of a skip memory layer to add later, or None)."""
-    x = constrain(x + self.attn(self.attn_norm(x), positions), _ACT)
+    return self._rest(x, self.attn(self.attn_norm(x), positions), memory_table)
+
+  def extend(self, x: jax.Array, positions: jax.Array, cache: KVCache,
+             memory_table: MemoryTable | None = None
+             ) -> tuple[jax.Array, jax.Array | None, LayerCache]:
+    """The block for generation (kv_cache.py): attention reads and extends
+    this layer's cache. Returns __call__'s pair and the layer's cache."""
+    a, layer_cache = self.attn.extend(
+        self.attn_norm(x), positions, cache.layers[self.index],
+        cache.length, cache.visible(x.shape[1]))
+    return *self._rest(x, a, memory_table), layer_cache
+
+  def _rest(self, x: jax.Array, attn_out: jax.Array,
+            memory_table: MemoryTable | None
+            ) -> tuple[jax.Array, jax.Array | None]:
+    """Everything after attention: the residual, FFN and memory layer."""
+    x = constrain(x + attn_out, _ACT)
     h = self.ffn_norm(x)
     y = self.ffn(h) if self.ffn is not None else None
     deferred = None
@@ -97,11 +114,34 @@ class Transformer(nnx.Module):
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    logits, _ = self._forward(tokens, positions, None)
+    return logits
+
+  def extend(self, tokens: jax.Array, cache: KVCache
+             ) -> tuple[jax.Array, KVCache]:
+    """Runs tokens [B, T] that continue the cached ones (a prompt, then one
+    generated token at a time; see kv_cache.py): (logits [B, T, vocab], the
+    cache holding them too). Positions come from the cache. Equals the
+    logits of ``self(all tokens so far)`` at the new positions."""
+    t = tokens.shape[1]
+    logits, layers = self._forward(tokens, cache.positions(t), cache)
+    return logits, cache.advance(layers, t)
+
+  def _forward(self, tokens: jax.Array, positions: jax.Array,
+               cache: KVCache | None
+               ) -> tuple[jax.Array, list[LayerCache]]:
+    """Logits, and every layer's updated cache when `cache` is given."""
     x = jnp.take(self.token_embed[...], tokens, axis=0).astype(self.dtype)
     x = constrain(x, _ACT)
     later: dict[int, jax.Array] = {}
+    layers: list[LayerCache] = []
     for i, block in enumerate(self.blocks):
-      x, deferred = block(x, positions, self.memory_table)
+      if cache is None:
+        x, deferred = block(x, positions, self.memory_table)
+      else:
+        x, deferred, layer_cache = block.extend(x, positions, cache,
+                                                self.memory_table)
+        layers.append(layer_cache)
       if deferred is not None:
         t = block.memory_target
         later[t] = deferred if t not in later else later[t] + deferred
@@ -115,7 +155,7 @@ class Transformer(nnx.Module):
     logits = jnp.einsum("btd,dv->btv", x, head,
                         preferred_element_type=jnp.float32)
     return constrain(logits, ("activation_batch", "activation_length",
-                              "activation_vocab"))
+                              "activation_vocab")), layers
 
 
 def build_model(cfg: ModelConfig, seed: int) -> Transformer:
