@@ -109,7 +109,7 @@ def markdown(results: dict[str, list[dict]]) -> str:
   head = ("| config | B | params read (GB) | KV cache (GB) | formula (GB) |"
           + (" XLA bytes (GB) | XLA / formula |" if xla else "")
           + " formula GFLOP |" + (" XLA GFLOP |" if xla else "")
-          + " bytes/token (MB) |")
+          + " params read per token (MB) |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   for name, rows in results.items():
     for r in rows:

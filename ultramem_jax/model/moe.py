@@ -54,8 +54,10 @@ def grouped_swiglu_ragged(xs: jax.Array, group_sizes: jax.Array, w_gate: jax.Arr
 
 
 def grouped_swiglu_gather(xs: jax.Array, group_sizes: jax.Array, w_gate: jax.Array,
-                          w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-  """The same grouped SwiGLU with each row's expert weights gathered:
+                          w_up: jax.Array, w_down: jax.Array,
+                          dtype=None) -> jax.Array:
+  """The same grouped SwiGLU with each row's expert weights gathered (and
+  then cast to `dtype`, if given):
   [rows, d, f] per matrix. It reads only the experts the rows use, which is
   what a decode step should cost (spec section 7: min(B*k, E) experts), and
   is chosen by ``auto`` when there are no more rows than experts. Rows past
@@ -64,7 +66,7 @@ def grouped_swiglu_gather(xs: jax.Array, group_sizes: jax.Array, w_gate: jax.Arr
   row = jnp.arange(xs.shape[0])
   expert = jnp.minimum(jnp.searchsorted(ends, row, side="right"),
                        group_sizes.shape[0] - 1)
-  mm = lambda v, w: jnp.einsum("ri,rio->ro", v, w[expert])
+  mm = lambda v, w: jnp.einsum("ri,rio->ro", v, w[expert].astype(dtype or w.dtype))
   out = mm(jax.nn.silu(mm(xs, w_gate)) * mm(xs, w_up), w_down)
   return jnp.where((row < ends[-1])[:, None], out, 0)
 
@@ -193,9 +195,9 @@ class MoE(nnx.Module):
       else:
         impl = "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
     dt = self.dtype
+    if impl == "gather":   # cast after the gather: only the used experts
+      return grouped_swiglu_gather(xs, group_sizes, w_gate, w_up, w_down, dt)
     w = (w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt))
-    if impl == "gather":
-      return grouped_swiglu_gather(xs, group_sizes, *w)
     if impl == "blocked":
       return grouped_swiglu_blocked(xs, group_sizes, *w, self.block_size)
     return grouped_swiglu_ragged(xs, group_sizes, *w)
