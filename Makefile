@@ -25,7 +25,14 @@ fetch: install
 train: fetch
 	$(PY) train.py --config $(CONFIG) $(ARGS)
 
-# 8 emulated CPU devices, as the sharding tests expect.
+# 8 emulated CPU devices, as the sharding tests expect. Two pytest workers
+# (one per core of the reference machine), each taking whole files so
+# module fixtures are built once; XLA's cheaper LLVM passes, since the tests
+# spend most of their time compiling small programs. TEST_WORKERS=0 runs in
+# one process.
+TEST_WORKERS ?= 2
+TEST_XLA_FLAGS ?= --xla_force_host_platform_device_count=8 \
+  --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true
 test: install
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
-	  $(PY) -m pytest -q $(PYTEST_ARGS)
+	XLA_FLAGS="$(TEST_XLA_FLAGS)" JAX_PLATFORMS=cpu \
+	  $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)

@@ -308,7 +308,8 @@ def test_mesh_that_does_not_divide_a_dimension_is_refused(tmp_path, text_dir):
 @pytest.mark.parametrize("memory", [[], ["model.memory.layers=all", "model.memory.n_keys=8",
                                          "model.memory.key_dim=8", "model.memory.top_m=4",
                                          "model.memory.value_dim=16",
-                                         "model.memory.pre_value_dim=16"]],
+                                         "model.memory.pre_value_dim=16",
+                                         "model.memory.init=released"]],
                          ids=["dense", "ultramem_v2"])
 def test_same_config_and_seed_give_bitwise_identical_losses(tmp_path, text_dir, memory):
   a = train(small(tmp_path / "a", text_dir, "train.steps=5", *memory), log=quiet)
