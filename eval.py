@@ -30,6 +30,18 @@ when --top_p < 1, reproducible for a --seed). It stops at --max_new_tokens
 or once every prompt has produced the end-of-text token, prints the texts,
 and reports tokens/s on stderr with a progress bar.
 
+    python eval.py tasks --run_dir runs/tiny_mqar_moe [--step N]
+        [--tasks mqar,niah,...] [--lengths 32,64] [--n 200] [--seed 0]
+        [--params mqar.num_pairs=8 ...] [--out DIR] [--no_progress]
+        [key=value ...]
+
+`tasks` scores held-out instances of the task suite (default: the tasks of
+the run's data.tasks, at data.seq_len and twice it): greedy predictions
+with teacher forcing, exact match on the answer tokens only, accuracy by
+length and by each task's buckets (needle depth, demonstrations, rounds,
+fact form) beside the chance level. The result is written to
+RUN/eval/tasks_step<N>.json and .md with PNG plots next to them.
+
     python eval.py cost --config configs/paper/moe_227m.yaml
         [--config ...] [--batch 1,8,64] [--no_xla] [--out PATH] [key=value ...]
 
@@ -53,7 +65,7 @@ import sys
 from ultramem_jax.config import ConfigError
 from ultramem_jax.data.corpora import DataError
 
-COMMANDS = ("loss", "generate", "cost")
+COMMANDS = ("loss", "generate", "cost", "tasks")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -241,6 +241,31 @@ class DataConfig:
   # A user file that is not valid UTF-8: "error" stops with the file and
   # byte offset; "skip" leaves the file out and reports how many were.
   on_decode_error: Literal["error", "skip"] = "error"
+  # Training rows from the task suite (ultramem_jax/tasks): a mixture
+  # "name:weight,..." of niah, mqar, mqar_overwrite, token_mapping and
+  # fact_retrieval (an entry without a weight weighs 1), where the entry
+  # "text" stands for packed rows of data.source. The weights are shares of
+  # rows: "mqar" trains on MQAR alone, "mqar:1,text:3" makes a quarter of
+  # the rows MQAR and the rest text. "" (the default) trains on text alone.
+  # data.source is read either way: it gives the tokenizer and the needle
+  # task's filler text (training text for training, validation text for
+  # validation).
+  tasks: str = ""
+  # Which targets of a task row carry loss: "answers" (the answer tokens
+  # only) or "all" (every token of the instance; never the padding). Text
+  # rows carry loss on every token. The loss is the mean over the batch's
+  # loss-carrying tokens, so with "answers" a task row weighs less than a
+  # text row.
+  task_loss: Literal["answers", "all"] = "answers"
+  # Generator parameters per task, e.g. {mqar: {num_pairs: [4, 8]}} (a
+  # list is an inclusive range drawn per instance; see each task's class
+  # for its parameters and defaults, which fill data.seq_len). Also used by
+  # eval.py tasks.
+  task_params: dict[str, dict[str, Any]] = dataclasses.field(
+      default_factory=dict)
+  # Held-out task rows (split "eval") whose loss is val/task_loss at every
+  # validation.
+  task_val_rows: int = 256
 
 
 @dataclasses.dataclass
@@ -348,6 +373,8 @@ def _type_name(tp: Any) -> str:
     return f"a mapping with keys {', '.join(f.name for f in dataclasses.fields(tp))}"
   if tp is type(None):
     return "null"
+  if tp is Any:
+    return "any value"
   return {int: "an integer", float: "a number", bool: "true or false",
           str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
 
@@ -404,6 +431,8 @@ def _build(tp: Any, value: Any, key: str) -> Any:
   if tp is str:
     if not isinstance(value, str):
       raise bad
+    return value
+  if tp is Any:  # checked where it is used (e.g. task parameters)
     return value
   raise TypeError(f"unsupported config type {tp!r} at {key}")
 
@@ -593,6 +622,54 @@ def _validate_memory(m: ModelConfig) -> None:
              "'fixed'")
 
 
+def _validate_tasks(d: DataConfig, m: ModelConfig) -> None:
+  """data.tasks and data.task_params: the mixture parses, every task and
+  parameter exists, and a few instances of each task fit data.seq_len (in
+  the token space of the vocabulary the run will most likely have; the
+  data pipeline checks again with the real tokenizer)."""
+  # Imported here: the task registry imports ConfigError from this module.
+  import numpy as np  # noqa: PLC0415
+
+  from ultramem_jax.tasks import (  # noqa: PLC0415
+      TASKS, TaskError, TokenSpace, get_task, parse_mixture)
+
+  tasks = {}
+  for name, params in d.task_params.items():
+    if name not in TASKS:
+      raise ConfigError(f"data.task_params.{name}: unknown task; known: "
+                        f"{', '.join(TASKS)}")
+    try:
+      tasks[name] = get_task(name, **params)
+    except TaskError as e:
+      raise ConfigError(f"data.task_params.{e}") from None
+  if not d.tasks:
+    return
+  weights = parse_mixture(d.tasks, "data.tasks", extra=("text",))
+  names = [n for n in weights if n != "text"]
+  _require(bool(names), "data.tasks", d.tasks,
+           "names no task; use data.tasks='' to train on text alone")
+  _require(d.task_val_rows > 0, "data.task_val_rows", d.task_val_rows,
+           "must be a positive number of held-out task rows")
+  if m.vocab_size:
+    space = TokenSpace.for_vocab(m.vocab_size)
+  elif d.tokenizer == "bytes":
+    space = TokenSpace.for_vocab(257, exclude=(256,))
+  else:
+    space = TokenSpace.for_vocab(d.bpe_vocab_size)
+  for name in names:
+    task = tasks.get(name) or get_task(name)
+    where = (f"data.task_params.{name}" if name in d.task_params
+             else "data.tasks")
+    for seed in range(4):
+      try:
+        task.generate(np.random.default_rng(seed), space, d.seq_len + 1)
+      except (TaskError, TypeError, ValueError) as e:
+        raise ConfigError(
+            f"{where}: task {name!r} cannot make rows of data.seq_len="
+            f"{d.seq_len}: {e}; change data.seq_len or "
+            f"data.task_params.{name}") from None
+
+
 def validate(cfg: Config) -> None:
   m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.train
   for key, value in [("model.d_model", m.d_model), ("model.n_layers", m.n_layers),
@@ -659,6 +736,7 @@ def validate(cfg: Config) -> None:
              "must be at least 260 (256 byte symbols plus merges)")
   _require(0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction,
            "must lie strictly between 0 and 1")
+  _validate_tasks(d, m)
   _require(o.lr > 0, "optimizer.lr", o.lr, "must be > 0")
   _require(0.0 <= o.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio",
            o.min_lr_ratio, "must lie in [0, 1]")

@@ -5,6 +5,8 @@ tokenizer unless one is given, tokenize, pack). ``train_dataset`` is the grain p
 over the packed training rows: shuffled with a seed, reshuffled each epoch,
 sharded by process, batched. Its iterator's position is checkpointed with
 the model (``grain.checkpoint``), so a resumed run sees the same batches.
+A run with ``data.tasks`` trains on rows of the task suite instead, alone or
+mixed with these text rows (``data/task_data.py``).
 """
 
 from __future__ import annotations

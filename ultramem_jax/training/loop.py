@@ -21,6 +21,7 @@ import numpy as np
 import yaml
 
 from ultramem_jax.config import Config, ConfigError, fault_steps, save_config, to_dict
+from ultramem_jax.data import task_data
 from ultramem_jax.data.corpora import DataError
 from ultramem_jax.data.pipeline import prepare_data, train_dataset
 from ultramem_jax.data.tokenizer import FILENAME as TOKENIZER_FILE
@@ -73,12 +74,14 @@ class TrainResult:
   run_dir: pathlib.Path
   final_step: int
   losses: dict[int, float]          # training loss of every step run here
-  val_loss: float                   # nan when stopped by a signal
+  val_loss: float                   # nan when stopped by a signal; the
+                                    # task loss when training on tasks alone
   val_unigram_entropy: float
   tokens_per_sec: float
   wall_time_sec: float
   stopped_by: str | None = None     # "SIGTERM" / "SIGINT" when preempted
   skipped_steps: int = 0            # updates skipped for non-finite values
+  val_task_loss: float | None = None  # held-out task rows (data.tasks)
 
 
 def _first_difference(saved: dict, new: dict, prefix: str = "") -> str | None:
@@ -186,6 +189,19 @@ def _check_process_count(paths: RunPaths, step: int) -> None:
         f"{counts[0]}, or start a new train.run_dir")
 
 
+def _task_loss(eval_step: Callable, state, rows, batch_size: int,
+               sharding) -> float:
+  """Weighted mean loss over held-out task rows (every process holds all
+  of them and places its part of each batch)."""
+  part, parts = batch_shard(sharding, batch_size)
+  total, count = 0.0, 0.0
+  for batch in task_data.eval_batches(rows, batch_size, part, parts):
+    s, c = eval_step(state, shard_batch(batch, sharding, batch_size))
+    total += float(s)
+    count += float(c)
+  return total / max(count, 1.0)
+
+
 def train(cfg: Config, *, stop_at_step: int | None = None,
           log: Callable[[str], None] | None = None) -> TrainResult:
   """Trains `cfg` to `cfg.train.steps` (or stops after `stop_at_step`,
@@ -212,6 +228,15 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
     tokenizer = load_tokenizer(paths.tokenizer)
   data = prepare_data(cfg.data, tokenizer=tokenizer, log=say)
   cfg = _resolve_vocab(cfg, data.tokenizer.vocab_size)
+  tasks = (task_data.build(cfg.data, data, cfg.train.seed) if cfg.data.tasks
+           else None)
+  trains_text = tasks is None or tasks.trains_text
+  task_tokens = ("answer tokens" if cfg.data.task_loss == "answers"
+                 else "instance tokens")
+  if tasks is not None:
+    say(f"data.tasks: {cfg.data.tasks}: {tasks.text_share:.0%} text rows; "
+        f"tasks {dict(zip(tasks.mixture.names, tasks.mixture.probs.tolist()))}"
+        f"; loss on {task_tokens}; {tasks.space.describe()}")
   check_mesh_divides(cfg, sizes)
   mesh = make_mesh(cfg.mesh)
   sharding = batch_sharding(mesh)
@@ -246,10 +271,15 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
     say(f"model: {param_count(state):,} parameters; data: {data.stats}")
 
     # This process reads only its part of every global batch.
-    data_iter = iter(train_dataset(data.train_rows, cfg.data.batch_size,
-                                   seed=cfg.train.seed,
-                                   process_index=shard_index,
-                                   process_count=shard_count))
+    if tasks is None:
+      dataset = train_dataset(data.train_rows, cfg.data.batch_size,
+                              seed=cfg.train.seed, process_index=shard_index,
+                              process_count=shard_count)
+    else:
+      dataset = task_data.train_dataset(cfg.data, tasks, data.train_rows,
+                                        cfg.train.seed, shard_index,
+                                        shard_count)
+    data_iter = iter(dataset)
     checkpointer = Checkpointer(paths.checkpoints, cfg.train.max_to_keep)
     step = 0
     if resume_step is not None:
@@ -270,11 +300,29 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
         batch["nan_fault"] = jnp.float32(math.nan if at_step in faults else 0.0)
       return batch
 
-    def validate(at_step: int) -> float:
-      val, _ = evaluate(eval_step, state, data.val_rows, cfg.data.batch_size,
-                        sharding, cfg.train.eval_batches)
-      writer.write(at_step, {"val/loss": val, "val/perplexity": math.exp(val)})
-      return val
+    def validate(at_step: int) -> dict[str, float]:
+      """val/loss (the text's, or with tasks alone the tasks'), and with
+      tasks val/task_loss: the held-out task rows' weighted loss."""
+      scalars = {}
+      if trains_text:
+        val, _ = evaluate(eval_step, state, data.val_rows, cfg.data.batch_size,
+                          sharding, cfg.train.eval_batches)
+        scalars.update({"val/loss": val, "val/perplexity": math.exp(val)})
+      if tasks is not None:
+        scalars["val/task_loss"] = _task_loss(eval_step, state, tasks.val_rows,
+                                              cfg.data.batch_size, sharding)
+        scalars.setdefault("val/loss", scalars["val/task_loss"])
+      writer.write(at_step, scalars)
+      return scalars
+
+    def describe(scalars: dict[str, float]) -> str:
+      text = (f"validation loss {scalars['val/loss']:.4f}" if trains_text
+              else "")
+      if tasks is not None:
+        text += ("; " if text else "") + (
+            f"held-out task loss {scalars['val/task_loss']:.4f} "
+            f"({task_tokens})")
+      return text
 
     t0 = time.perf_counter()
     first = next_batch(step + 1)
@@ -343,7 +391,7 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
         if stop.requested:
           break
         if step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-          say(f"step {step}: validation loss {validate(step):.4f}")
+          say(f"step {step}: {describe(validate(step))}")
           t_interval = time.perf_counter()
         if step % cfg.train.checkpoint_every == 0 or step == end:
           save(step)
@@ -359,12 +407,14 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
       checkpointer.wait()
       checkpointer.close()
 
+    val_task = None
     if stop.requested:
       val = math.nan
       say(f"stopped by {stop.signal_name} after step {step}; checkpoint saved in "
           f"{paths.checkpoints / str(step)}; run the same command to resume")
     else:
-      val = validate(step)
+      scalars = validate(step)
+      val, val_task = scalars["val/loss"], scalars.get("val/task_loss")
     writer.close()
 
   result = TrainResult(
@@ -372,7 +422,8 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
       val_unigram_entropy=data.val_unigram_entropy,
       tokens_per_sec=float(np.median(rates[1:] or rates)) if rates else 0.0,
       wall_time_sec=time.perf_counter() - t_start,
-      stopped_by=stop.signal_name, skipped_steps=health.total_skipped)
+      stopped_by=stop.signal_name, skipped_steps=health.total_skipped,
+      val_task_loss=val_task)
   if stop.requested:
     return result
   if is_main:
@@ -381,12 +432,24 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
                "tokens_per_sec": result.tokens_per_sec,
                "skipped_steps": result.skipped_steps,
                "wall_time_sec": result.wall_time_sec, "data": data.stats}
+    if tasks is not None:
+      summary.update(tasks=cfg.data.tasks, task_loss=cfg.data.task_loss,
+                     val_task_loss=val_task,
+                     val_task_rows=len(tasks.val_rows.inputs))
     (paths.root / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     plot_losses(paths.root / METRICS_FILE, paths.root / PLOT_FILE,
-                reference=result.val_unigram_entropy)
-  say(f"step {step}: validation loss {val:.4f} nats/token (perplexity "
-      f"{math.exp(val):.1f}); unigram entropy of the validation text "
-      f"{result.val_unigram_entropy:.4f} nats/token")
+                reference=result.val_unigram_entropy if trains_text else None)
+  if trains_text:
+    say(f"step {step}: validation loss {val:.4f} nats/token (perplexity "
+        f"{math.exp(val):.1f}); unigram entropy of the validation text "
+        f"{result.val_unigram_entropy:.4f} nats/token")
+  if tasks is not None:
+    uniform = (f" (a uniform guess over the {len(tasks.space.values)} answer "
+               f"ids: {math.log(len(tasks.space.values)):.4f})"
+               if cfg.data.task_loss == "answers" else "")
+    say(f"step {step}: held-out task loss {val_task:.4f} nats/token over the "
+        f"{task_tokens} of {len(tasks.val_rows.inputs)} rows"
+        f"{uniform}; accuracy: python eval.py tasks --run_dir {paths.root}")
   say(f"checkpoints: {paths.checkpoints}")
   say(f"tensorboard: tensorboard --logdir {paths.tensorboard}")
   say(f"loss curve: {paths.root / PLOT_FILE}")

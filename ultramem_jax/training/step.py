@@ -41,9 +41,22 @@ def pop_sown(model: nnx.Module, kind: type) -> dict[str, jax.Array]:
   return out
 
 
+def mean_loss(losses: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+  """The mean of per-token `losses`, or with `weights` (a loss mask, e.g.
+  the answer tokens of task rows) their weighted mean over the whole batch,
+  ``sum(losses * weights) / sum(weights)`` (0 when every weight is 0)."""
+  if weights is None:
+    return jnp.mean(losses)
+  w = weights.astype(losses.dtype)
+  total = jnp.sum(w)
+  return jnp.sum(losses * w) / jnp.where(total > 0, total, 1.0)
+
+
 def loss_fn(model: nnx.Module, batch: dict) -> tuple[jax.Array, dict]:
-  """(objective, metrics): cross-entropy plus every sown AuxLoss."""
-  ce = jnp.mean(token_losses(model, batch))
+  """(objective, metrics): cross-entropy plus every sown AuxLoss. The
+  cross-entropy is the mean over the batch's tokens, or over its weighted
+  tokens when the batch has ``weights`` (task rows: ``data.task_loss``)."""
+  ce = mean_loss(token_losses(model, batch), batch.get("weights"))
   aux: dict[str, jax.Array] = {}
   for key, value in pop_sown(model, AuxLoss).items():
     name = f"aux/{key.rsplit('/', 1)[-1]}"
