@@ -371,6 +371,34 @@ def key_of(tokens: np.ndarray, run: Run) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------
 
 
+def recall(tokens: np.ndarray, space: TokenSpace) -> list[tuple[int, np.ndarray]]:
+  """Associative recall by brute force, for the MQAR prompts: key-value
+  pairs are stored (a later pair overwrites a key), each key after QUERY
+  is answered with its latest value; ROUND ends a round's queries."""
+  memory: dict[tuple[int, ...], tuple[int, ...]] = {}
+  out = []
+  querying = False
+  pending = None
+  for run in runs(tokens, space):
+    if run.kind == MARKER:
+      t = tokens[run.start]
+      if t == space.query:
+        querying = True
+      elif t == space.round:
+        querying = False
+      pending = None
+    elif run.kind == KEY:
+      if querying:
+        out.append((run.stop, np.asarray(memory[key_of(tokens, run)],
+                                         np.int32)))
+      pending = run
+    elif run.kind == VALUE and pending is not None:
+      if not querying:
+        memory[key_of(tokens, pending)] = key_of(tokens, run)
+      pending = None
+  return out
+
+
 def exact_match(pred: np.ndarray, instance: Instance) -> np.ndarray:
   """bool [A]: whether each answer of `instance` is predicted exactly.
 

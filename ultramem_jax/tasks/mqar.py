@@ -18,7 +18,7 @@ import dataclasses
 import numpy as np
 
 from ultramem_jax.tasks import base
-from ultramem_jax.tasks.base import KEY, MARKER, VALUE, Size, TaskError
+from ultramem_jax.tasks.base import Size, TaskError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,23 +64,4 @@ class MQAR(base.Task):
     return b.build(task=self.name, length=length, num_pairs=n, num_queries=q)
 
   def solve(self, tokens, space):
-    tokens = np.asarray(tokens)
-    memory: dict[tuple[int, ...], tuple[int, ...]] = {}
-    out = []
-    querying = False
-    pending = None  # the key run waiting for its value
-    for run in base.runs(tokens, space):
-      if run.kind == MARKER:
-        if tokens[run.start] == space.query:
-          querying = True
-        pending = None
-      elif run.kind == KEY:
-        if querying:
-          out.append((run.stop, np.asarray(memory[base.key_of(tokens, run)],
-                                           np.int32)))
-        pending = run
-      elif run.kind == VALUE and pending is not None:
-        if not querying:
-          memory[base.key_of(tokens, pending)] = base.key_of(tokens, run)
-        pending = None
-    return out
+    return base.recall(np.asarray(tokens), space)

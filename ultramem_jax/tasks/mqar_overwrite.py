@@ -19,7 +19,7 @@ import dataclasses
 import numpy as np
 
 from ultramem_jax.tasks import base
-from ultramem_jax.tasks.base import KEY, MARKER, VALUE, Size
+from ultramem_jax.tasks.base import Size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,26 +112,4 @@ class MQAROverwrite(base.Task):
                                           self.value_len)]
 
   def solve(self, tokens, space):
-    tokens = np.asarray(tokens)
-    memory: dict[tuple[int, ...], tuple[int, ...]] = {}
-    out = []
-    querying = False
-    pending = None
-    for run in base.runs(tokens, space):
-      if run.kind == MARKER:
-        t = tokens[run.start]
-        if t == space.query:
-          querying = True
-        elif t == space.round:
-          querying = False
-        pending = None
-      elif run.kind == KEY:
-        if querying:
-          out.append((run.stop, np.asarray(memory[base.key_of(tokens, run)],
-                                           np.int32)))
-        pending = run
-      elif run.kind == VALUE and pending is not None:
-        if not querying:
-          memory[base.key_of(tokens, pending)] = base.key_of(tokens, run)
-        pending = None
-    return out
+    return base.recall(np.asarray(tokens), space)
