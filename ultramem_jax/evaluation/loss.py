@@ -120,18 +120,6 @@ def parse_buckets(text: str) -> int | None:
 
 # ----------------------------------------------------------------------------- restoring
 
-def _first_difference(a: dict, b: dict, prefix: str) -> str | None:
-  for key in sorted(set(a) | set(b)):
-    x, y, name = a.get(key), b.get(key), f"{prefix}.{key}"
-    if isinstance(x, dict) and isinstance(y, dict):
-      diff = _first_difference(x, y, name)
-      if diff:
-        return diff
-    elif x != y:
-      return f"{name}: the checkpoint was trained with {x!r}, --config has {y!r}"
-  return None
-
-
 def restore_checkpoint(config: pathlib.Path, checkpoint: pathlib.Path,
                        tokenizer: pathlib.Path | None, overrides: list[str]):
   """A RestoredRun from a config file and a checkpoint step directory
@@ -139,10 +127,8 @@ def restore_checkpoint(config: pathlib.Path, checkpoint: pathlib.Path,
   the checkpoint was trained with (as saved in the checkpoint)."""
   from ultramem_jax.config import from_dict, load_config, to_dict  # noqa: PLC0415
   from ultramem_jax.data.tokenizer import FILENAME, load_tokenizer  # noqa: PLC0415
-  from ultramem_jax.evaluation.restore import RestoredRun  # noqa: PLC0415
-  from ultramem_jax.parallel.mesh import make_mesh, use_mesh  # noqa: PLC0415
-  from ultramem_jax.training.checkpoint import Checkpointer, abstract_like  # noqa: PLC0415
-  from ultramem_jax.training.state import create_state  # noqa: PLC0415
+  from ultramem_jax.evaluation.restore import RestoredRun, restore_state  # noqa: PLC0415
+  from ultramem_jax.training.loop import first_difference  # noqa: PLC0415
 
   cfg = load_config(config, overrides)
   checkpoint = checkpoint.expanduser().absolute()
@@ -158,22 +144,16 @@ def restore_checkpoint(config: pathlib.Path, checkpoint: pathlib.Path,
     cfg = dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, vocab_size=tok.vocab_size))
   step = int(checkpoint.name)
-  mesh = make_mesh(cfg.mesh)
-  checkpointer = Checkpointer(checkpoint.parent, cfg.train.max_to_keep)
-  try:
-    with use_mesh(mesh):
-      graphdef, state = create_state(cfg)
-      checkpointer.check_shapes(step, abstract_like(state))
-      state, meta = checkpointer.restore(step, abstract_like(state))
-  finally:
-    checkpointer.close()
+  mesh, graphdef, state, meta = restore_state(cfg, checkpoint.parent, step)
   if "config" in meta:
     def unify(m):  # how the memory layer is computed is not part of the model
       return dataclasses.replace(m, memory=dataclasses.replace(m.memory, kernels="auto"))
     saved = from_dict(meta["config"]).model
-    diff = _first_difference(to_dict(unify(saved)), to_dict(unify(cfg.model)), "model")
+    diff = first_difference(to_dict(unify(saved)), to_dict(unify(cfg.model)), "model")
     if diff:
-      raise ConfigError(f"--config: {diff}")
+      name, a, b = diff
+      raise ConfigError(f"--config: {name}: the checkpoint was trained with "
+                        f"{a!r}, --config has {b!r}")
   return RestoredRun(cfg, step, mesh, graphdef, state, tok)
 
 

@@ -39,35 +39,42 @@ def load_run_config(run_dir: pathlib.Path, overrides: list[str]) -> Config:
   return cfg
 
 
+def restore_state(cfg: Config, checkpoints: pathlib.Path, step: int):
+  """(mesh, graphdef, state, saved meta) of checkpoint `step` in the
+  `checkpoints` directory, restored onto the mesh of `cfg`."""
+  from ultramem_jax.parallel.mesh import make_mesh, use_mesh  # noqa: PLC0415
+  from ultramem_jax.training.checkpoint import Checkpointer, abstract_like  # noqa: PLC0415
+  from ultramem_jax.training.state import create_state  # noqa: PLC0415
+
+  mesh = make_mesh(cfg.mesh)
+  checkpointer = Checkpointer(checkpoints, cfg.train.max_to_keep)
+  try:
+    with use_mesh(mesh):
+      graphdef, state = create_state(cfg)
+      checkpointer.check_shapes(step, abstract_like(state))
+      state, meta = checkpointer.restore(step, abstract_like(state))
+  finally:
+    checkpointer.close()
+  return mesh, graphdef, state, meta
+
+
 def restore_run(run_dir: pathlib.Path, step: int | None,
                 overrides: list[str]) -> RestoredRun:
   """Restores checkpoint `step` (the latest when None) of a run onto the
   mesh of its config (as overridden). Call inside nothing; the returned
   mesh is to be entered with ``use_mesh`` for computations on the state."""
   from ultramem_jax.data.tokenizer import load_tokenizer  # noqa: PLC0415
-  from ultramem_jax.parallel.mesh import make_mesh, use_mesh  # noqa: PLC0415
-  from ultramem_jax.training.checkpoint import Checkpointer, abstract_like  # noqa: PLC0415
-  from ultramem_jax.training.loop import RunPaths, latest_checkpoint_step  # noqa: PLC0415
-  from ultramem_jax.training.state import create_state  # noqa: PLC0415
+  from ultramem_jax.training.loop import RunPaths, checkpoint_steps  # noqa: PLC0415
 
   cfg = load_run_config(run_dir, overrides)
   paths = RunPaths(run_dir)
-  latest = latest_checkpoint_step(run_dir)
-  if latest is None:
+  steps = checkpoint_steps(run_dir)
+  if not steps:
     raise ConfigError(f"--run_dir: {str(run_dir)!r} holds no checkpoint")
-  checkpointer = Checkpointer(paths.checkpoints, cfg.train.max_to_keep)
-  try:
-    steps = checkpointer.all_steps()
-    if step is None:
-      step = latest
-    elif step not in steps:
-      raise ConfigError(f"--step: got {step}; the run has checkpoints at steps {steps}")
-    mesh = make_mesh(cfg.mesh)
-    with use_mesh(mesh):
-      graphdef, state = create_state(cfg)
-      checkpointer.check_shapes(step, abstract_like(state))
-      state, _ = checkpointer.restore(step, abstract_like(state))
-  finally:
-    checkpointer.close()
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise ConfigError(f"--step: got {step}; the run has checkpoints at steps {steps}")
+  mesh, graphdef, state, _ = restore_state(cfg, paths.checkpoints, step)
   return RestoredRun(cfg, step, mesh, graphdef, state,
                      load_tokenizer(paths.tokenizer))

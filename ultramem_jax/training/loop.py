@@ -84,27 +84,36 @@ class TrainResult:
   val_task_loss: float | None = None  # held-out task rows (data.tasks)
 
 
-def _first_difference(saved: dict, new: dict, prefix: str = "") -> str | None:
+def first_difference(saved: dict, new: dict, prefix: str = ""
+                     ) -> tuple[str, object, object] | None:
+  """(dotted key, saved value, new value) of the first key, in sorted order,
+  where two nested config dicts differ; None when they agree."""
   for key in sorted(set(saved) | set(new)):
     a, b = saved.get(key), new.get(key)
     name = f"{prefix}.{key}" if prefix else key
     if isinstance(a, dict) and isinstance(b, dict):
-      diff = _first_difference(a, b, name)
+      diff = first_difference(a, b, name)
       if diff:
         return diff
     elif a != b:
-      return f"{name}: the run has {a!r}, this config {b!r}"
+      return name, a, b
   return None
+
+
+def checkpoint_steps(run_dir: pathlib.Path) -> list[int]:
+  """Complete checkpoint steps in a run directory, ascending, without
+  creating anything."""
+  ckpt = RunPaths(run_dir).checkpoints
+  if not ckpt.is_dir():
+    return []
+  return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()
+                and p.is_dir() and (p / "_CHECKPOINT_METADATA").exists())
 
 
 def latest_checkpoint_step(run_dir: pathlib.Path) -> int | None:
   """Latest complete checkpoint step in a run directory, without creating it."""
-  ckpt = RunPaths(run_dir).checkpoints
-  if not ckpt.is_dir():
-    return None
-  steps = [int(p.name) for p in ckpt.iterdir() if p.name.isdigit() and p.is_dir()
-           and (p / "_CHECKPOINT_METADATA").exists()]
-  return max(steps) if steps else None
+  steps = checkpoint_steps(run_dir)
+  return steps[-1] if steps else None
 
 
 def check_run_dir(cfg: Config) -> tuple[int | None, bool]:
@@ -139,12 +148,14 @@ def check_run_dir(cfg: Config) -> tuple[int | None, bool]:
         # How the memory layer is computed is not part of the model.
         for memory in (saved_section.get("memory", {}), new_section["memory"]):
           memory.pop("kernels", None)
-      diff = _first_difference(saved_section, new_section, section)
+      diff = first_difference(saved_section, new_section, section)
       if diff:
+        name, a, b = diff
         if cfg.train.overwrite and cfg.train.resume is not True:
           return None, True
         raise ConfigError(
-            f"{diff}; train.run_dir={str(paths.root)!r} was trained with a "
+            f"{name}: the run has {a!r}, this config {b!r}; "
+            f"train.run_dir={str(paths.root)!r} was trained with a "
             "different config; use another train.run_dir, or set "
             "train.overwrite=true to move the old run aside")
   return latest, False
