@@ -14,6 +14,7 @@ is allowed, before anything is built or compiled.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -457,12 +458,14 @@ def to_dict(cfg: Any) -> dict:
 
 
 def _merge(base: dict, update: dict) -> dict:
-  out = dict(base)
+  """`update` merged key by key onto `base`, as a new mapping that shares no
+  container with either input."""
+  out = copy.deepcopy(base)
   for k, v in update.items():
     if isinstance(v, dict) and isinstance(out.get(k), dict):
       out[k] = _merge(out[k], v)
     else:
-      out[k] = v
+      out[k] = copy.deepcopy(v)
   return out
 
 
@@ -503,6 +506,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
+  """A copy of `data` with the dotted overrides applied; `data` itself is
+  left unchanged."""
   data = _merge({}, data)
   for text in overrides:
     parts, value = parse_override(text)

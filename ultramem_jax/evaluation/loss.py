@@ -253,9 +253,9 @@ def position_batch_size(batch_size: int, seq_len: int, context: int,
                         mesh) -> int:
   """Rows per batch for windows of `context` tokens: about the tokens of a
   training batch, a multiple of the mesh's batch shards."""
-  from ultramem_jax.parallel.rules import BATCH_AXES  # noqa: PLC0415
+  from ultramem_jax.parallel.rules import batch_shards  # noqa: PLC0415
 
-  shards = math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
+  shards = batch_shards(mesh.shape)
   rows = batch_size * seq_len // context // shards * shards
   return max(shards, rows)
 

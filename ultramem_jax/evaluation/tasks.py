@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import pathlib
 import sys
 import time
@@ -174,11 +173,11 @@ def model_predictor(run) -> tuple[Predict, Callable[[int], int]]:
 
   from ultramem_jax.parallel.distributed import batch_shard  # noqa: PLC0415
   from ultramem_jax.parallel.mesh import batch_sharding, use_mesh  # noqa: PLC0415
-  from ultramem_jax.parallel.rules import BATCH_AXES  # noqa: PLC0415
+  from ultramem_jax.parallel.rules import batch_shards  # noqa: PLC0415
   from ultramem_jax.training.evaluate import shard_batch  # noqa: PLC0415
 
   cfg = run.cfg
-  shards = math.prod(run.mesh.shape[a] for a in BATCH_AXES if a in run.mesh.shape)
+  shards = batch_shards(run.mesh.shape)
   sharding = batch_sharding(run.mesh)
   replicated = jax.sharding.NamedSharding(run.mesh,
                                           jax.sharding.PartitionSpec())

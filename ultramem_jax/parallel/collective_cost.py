@@ -97,7 +97,7 @@ import dataclasses
 import math
 from typing import Iterable, Sequence
 
-from ultramem_jax.parallel.rules import BATCH_AXES, RULES
+from ultramem_jax.parallel.rules import BATCH_AXES, RULES, batch_shards
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float64": 8}
 INT32 = 4
@@ -404,7 +404,7 @@ def collective_report(cfg, sizes: dict[str, int], params: Iterable[ParamInfo]) -
   bwd = sum(e["bytes_per_token_bwd"] * len(e["layers"]) for e in per_layer)
 
   tokens = cfg.data.batch_size * cfg.data.seq_len
-  shards = math.prod(sizes.get(a, 1) for a in BATCH_AXES)
+  shards = batch_shards(sizes)
   per_device = tokens / shards
   per_step = param_step_ops(params, sizes) + counter_step_ops(
       memory_rows=[geo.rows_per_block] * len(geo.placement),

@@ -8,6 +8,9 @@ mesh axis, if any, shards each of them, in the style of MaxText's
 
 from __future__ import annotations
 
+import math
+from typing import Mapping
+
 import jax
 from jax.sharding import PartitionSpec
 
@@ -15,6 +18,13 @@ from jax.sharding import PartitionSpec
 # the batch (as MaxText's expert axis does), so no device repeats another's
 # attention or dense work; their layers gather what they need explicitly.
 BATCH_AXES = ("data", "fsdp", "expert", "memory")
+
+
+def batch_shards(sizes: Mapping[str, int]) -> int:
+  """How many parts the batch is split into: the product of the sizes of the
+  batch axes in `sizes` (a mesh's ``shape`` or a name -> size mapping); axes
+  it does not name count as 1."""
+  return math.prod(sizes.get(a, 1) for a in BATCH_AXES)
 
 # (logical name, mesh axis or tuple of mesh axes or None)
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (

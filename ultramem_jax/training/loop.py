@@ -28,7 +28,7 @@ from ultramem_jax.data.tokenizer import FILENAME as TOKENIZER_FILE
 from ultramem_jax.data.tokenizer import load_tokenizer
 from ultramem_jax.parallel.distributed import barrier, batch_shard, processes_differing
 from ultramem_jax.parallel.mesh import batch_sharding, make_mesh, mesh_shape, use_mesh
-from ultramem_jax.parallel.rules import BATCH_AXES
+from ultramem_jax.parallel.rules import batch_shards
 from ultramem_jax.training.checkpoint import Checkpointer, abstract_like
 from ultramem_jax.training.guards import check_mesh_divides, check_writable
 from ultramem_jax.training.health import HealthMonitor
@@ -179,7 +179,7 @@ def _resolve_vocab(cfg: Config, vocab_size: int) -> Config:
 
 
 def _check_batch(cfg: Config, mesh_sizes: dict[str, int]) -> None:
-  shards = math.prod(mesh_sizes[a] for a in BATCH_AXES)
+  shards = batch_shards(mesh_sizes)
   if cfg.data.batch_size % shards:
     raise ConfigError(
         f"data.batch_size: got {cfg.data.batch_size}; must be divisible by "
