@@ -23,7 +23,8 @@ from flax import nnx
 from ultramem_jax import inspect as I
 from ultramem_jax.config import MeshConfig, load_config
 from ultramem_jax.model.transformer import Transformer
-from ultramem_jax.parallel import collective_cost as CC
+from ultramem_jax.parallel import collective_ops as CO
+from ultramem_jax.parallel import collective_step as CS
 from ultramem_jax.parallel.mesh import batch_sharding, make_mesh, use_mesh
 from ultramem_jax.training.step import loss_fn
 
@@ -38,7 +39,7 @@ def fwd_bwd(ops):
 def test_memory_layer_column_by_hand():
   # M = 4 devices, S = 1 head x 4 slots, hc = 2 cores, E = 1, Dv = Dp = 16,
   # float32. A device's token reaches the 3 others: gathers cost 3 x bytes.
-  ops = CC.memory_layer_ops(group=4, slots=4, cores=2, blocks=1, value_dim=16,
+  ops = CO.memory_layer_ops(group=4, slots=4, cores=2, blocks=1, value_dim=16,
                             pre_value_dim=16, dtype_bytes=4, mode="column")
   assert fwd_bwd(ops) == [
       ("all-gather", 3 * 4 * 4, None, 0),                        # slots: 48
@@ -55,23 +56,23 @@ def test_memory_layer_row_with_blocks_by_hand():
   # M = 2, S = 2 heads x 3 = 6, hc = 1, E = 4 blocks, Dv = 8, no pre-values,
   # bfloat16: no z, no psum; blocks gathered; partial outputs [Ng, 32] f32
   # reduce-scattered: (2-1)/2 of 2 tokens x 32 x 4 bytes = 128 per token.
-  ops = CC.memory_layer_ops(group=2, slots=6, cores=1, blocks=4, value_dim=8,
+  ops = CO.memory_layer_ops(group=2, slots=6, cores=1, blocks=4, value_dim=8,
                             pre_value_dim=0, dtype_bytes=2, mode="row")
   assert fwd_bwd(ops) == [("all-gather", 24, None, 0), ("all-gather", 24, None, 0),
                           ("all-gather", 24, "reduce-scatter", 24),
                           ("reduce-scatter", 128, "all-gather", 128)]
-  assert CC.memory_layer_ops(group=1, slots=6, cores=1, blocks=4, value_dim=8,
+  assert CO.memory_layer_ops(group=1, slots=6, cores=1, blocks=4, value_dim=8,
                              pre_value_dim=8, dtype_bytes=2) == []
 
 
 def test_moe_and_tensor_by_hand():
   # X = 4, k = 8, d = 128, bfloat16: 8 x 128 x 2 = 2048 bytes of each
   # token's assignments, 3/4 leave: 1536 out, 1536 back.
-  ops = CC.moe_layer_ops(group=4, top_k=8, d_model=128, dtype_bytes=2)
+  ops = CO.moe_layer_ops(group=4, top_k=8, d_model=128, dtype_bytes=2)
   assert [(o.fwd, o.bwd) for o in ops] == [(1536, 1536), (1536, 1536)]
-  assert CC.moe_layer_ops(group=1, top_k=8, d_model=128, dtype_bytes=2) == []
+  assert CO.moe_layer_ops(group=1, top_k=8, d_model=128, dtype_bytes=2) == []
   # T = 2: all-reduce of 128 x 4 bytes, 2 x 1/2 of it sent.
-  (op,) = CC.tensor_ops(group=2, d_model=128, dtype_bytes=4, part="x")
+  (op,) = CO.tensor_ops(group=2, d_model=128, dtype_bytes=4, part="x")
   assert (op.fwd, op.bwd, op.approximate) == (512, 512, True)
 
 
@@ -79,13 +80,13 @@ def test_param_step_ops_by_hand():
   sizes = {"data": 2, "fsdp": 2, "tensor": 1, "expert": 1, "memory": 4}
   params = [
       # [100, 8] f32 sharded over fsdp ("embed"), replicated over data, memory
-      CC.ParamInfo("blocks/0/ffn/w_gate", 800, 4, ("embed", None)),
+      CS.ParamInfo("blocks/0/ffn/w_gate", 800, 4, ("embed", None)),
       # a table [36, 16] f32 column-sharded over memory, read in place
-      CC.ParamInfo("blocks/0/memory/table/values", 576, 4,
+      CS.ParamInfo("blocks/0/memory/table/values", 576, 4,
                    ("memory_rows", "memory_value")),
   ]
   rows = {(r["op"], r["what"].split(": ")[1], tuple(r["axes"])): r["bytes_per_device"]
-          for r in CC.param_step_ops(params, sizes)}
+          for r in CS.param_step_ops(params, sizes)}
   assert rows == {
       # 3200 bytes gathered from halves: 1600 sent; the gradient back likewise
       ("all-gather", "other parameters", ("fsdp",)): 1600,
@@ -95,12 +96,12 @@ def test_param_step_ops_by_hand():
       # the table's 576 bytes stay on 4 devices (576 each); over data x fsdp
       ("all-reduce", "memory tables", ("data", "fsdp")): 2 * 3 / 4 * 576,
   }
-  stamps, = CC.counter_step_ops(memory_rows=[36, 36], moe_experts=[], sizes=sizes)
+  stamps, = CS.counter_step_ops(memory_rows=[36, 36], moe_experts=[], sizes=sizes)
   assert stamps["group"] == 16 and stamps["bytes_per_device"] == 2 * 2 * 15 / 16 * 144
   # 3 MoE layers of 8 experts over expert = 4 (and 16 batch devices):
   # counts [4, 8] int32 gathered, 3/4 of 128 bytes each; router statistics
   # 8 x 4 + 8 x 4 bytes all-reduced, 2 x 15/16 of 64 each.
-  stats, counts = CC.counter_step_ops(memory_rows=[], moe_experts=[8] * 3,
+  stats, counts = CS.counter_step_ops(memory_rows=[], moe_experts=[8] * 3,
                                       sizes=dict(sizes, expert=4, memory=1))
   assert counts["bytes_per_device"] == 3 * 96
   assert stats["bytes_per_device"] == 3 * 2 * 15 / 16 * 64
@@ -146,8 +147,8 @@ def hlo_collectives(text: str, tokens_per_device: int) -> list[dict]:
     size = sum(ITEMSIZE[t] * math.prod(int(d) for d in dims.split(",") if d)
                for t, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1)))
     g, kind = group_size(line), m.group(2)
-    sent = {"all-gather": CC.all_gather(size, g), "all-to-all": CC.all_to_all(size, g),
-            "all-reduce": CC.all_reduce(size, g),
+    sent = {"all-gather": CO.all_gather(size, g), "all-to-all": CO.all_to_all(size, g),
+            "all-reduce": CO.all_reduce(size, g),
             "reduce-scatter": (g - 1) * size}[kind]   # size: the result, 1/g
     name = re.search(r'op_name="([^"]*)"', line)
     shapes = [(t, tuple(int(d) for d in dims.split(",") if d))

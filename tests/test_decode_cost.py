@@ -3,6 +3,7 @@
 import pytest
 
 from ultramem_jax.config import load_config
+from ultramem_jax.evaluation.cost import cost_table
 from ultramem_jax.inspect import inspect_config
 
 
@@ -61,8 +62,6 @@ def test_xla_bytes_of_a_dense_decode_step_match_the_formula():
   work. Measured: 1.14 for bytes, 1.007 for FLOPs. At a 128-token context
   the cache is 8.7% of the formula and the bytes ratio 1.30, those copies.
   """
-  from ultramem_jax.evaluation.cost import cost_table
-
   cfg = load_config("configs/tiny_dense.yaml", ["data.seq_len=16"])
   (row,) = cost_table(cfg, (1,))
   assert row["kv_cache_bytes"] < 0.1 * row["formula_bytes"]

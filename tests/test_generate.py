@@ -27,6 +27,7 @@ from ultramem_jax.evaluation import sampling
 from ultramem_jax.evaluation.generate import TRACES, Sampler
 from ultramem_jax.model import build_model
 from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh
+from ultramem_jax.training.loop import train
 
 SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2",
          "model.vocab_size=257", "data.tokenizer=bytes"]
@@ -202,8 +203,6 @@ def run_cli(*args):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, text_dir):
-  from ultramem_jax.training.loop import train  # noqa: PLC0415
-
   run_dir = tmp_path_factory.mktemp("gen") / "run"
   cfg = load_config("configs/tiny_dense.yaml", [
       "model.d_model=32", "model.n_layers=2", "model.n_heads=2",

@@ -25,6 +25,8 @@ from ultramem_jax.data import task_data
 from ultramem_jax.data.pipeline import prepare_data
 from ultramem_jax.data.tokenizer import ByteTokenizer
 from ultramem_jax.evaluation import tasks as eval_tasks
+from ultramem_jax.evaluation.task_report import write_report
+from ultramem_jax.evaluation.task_scores import BUCKETS, evaluate_tasks
 from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh
 from ultramem_jax.tasks import TASKS, TaskSource, TokenSpace, get_task
 from ultramem_jax.training.loop import train
@@ -253,13 +255,13 @@ def solver(name, space, params=None):
 @pytest.mark.parametrize("name", list(TASKS))
 def test_solver_scores_100_through_the_eval_path(name, text):
   filler = task_data.filler_tokens(text.val_rows)
-  result = eval_tasks.evaluate_tasks(
+  result = evaluate_tasks(
       solver(name, BYTES), [name], [48, 96], n=12, seed=5, space=BYTES,
       filler=filler, rows_for=5, progress=False)
   t = result["tasks"][name]
   assert t["overall"]["accuracy"] == 1.0 and t["overall"]["n"] >= 24
   assert [r["seq_len"] for r in t["by"]["seq_len"]] == [48, 96]
-  for bucket in eval_tasks.BUCKETS[name]:
+  for bucket in BUCKETS[name]:
     records = t["by"][f"{bucket},seq_len"]
     assert sum(r["n"] for r in records) == t["overall"]["n"]
 
@@ -267,9 +269,9 @@ def test_solver_scores_100_through_the_eval_path(name, text):
 def test_uniform_guesser_scores_chance(tmp_path):
   rng = np.random.default_rng(0)
   guess = lambda x: rng.choice(BYTES.values, size=x.shape).astype(np.int32)  # noqa: E731
-  result = eval_tasks.evaluate_tasks(guess, ["mqar", "token_mapping"], [64],
-                                     n=300, seed=1, space=BYTES, rows_for=64,
-                                     progress=False)
+  result = evaluate_tasks(guess, ["mqar", "token_mapping"], [64],
+                          n=300, seed=1, space=BYTES, rows_for=64,
+                          progress=False)
   for name, t in result["tasks"].items():
     o = t["overall"]
     assert o["chance"] == pytest.approx(1 / 60)
@@ -277,7 +279,7 @@ def test_uniform_guesser_scores_chance(tmp_path):
     assert abs(o["accuracy"] - o["chance"]) < 4 * sd, name
   result.update(run_dir="r", checkpoint="r/checkpoints/1", step=1,
                 trained_tasks="mqar", trained_seq_len=32, n=300, seed=1)
-  written = eval_tasks.write_report(tmp_path, result)
+  written = write_report(tmp_path, result)
   names = sorted(p.name for p in written)
   assert names == ["tasks_step1.json", "tasks_step1.md",
                    "tasks_step1_mqar_length.png",
@@ -298,8 +300,8 @@ def test_argument_errors():
                                  {"mqar": {"num_pairs": [2, 4]}}) == {
       "mqar": {"num_pairs": None}, "niah": {"depth": 0.5}}
   with pytest.raises(ConfigError, match="--lengths: task 'mqar' at length 4"):
-    eval_tasks.evaluate_tasks(lambda x: x, ["mqar"], [4], 2, 0, BYTES,
-                              progress=False)
+    evaluate_tasks(lambda x: x, ["mqar"], [4], 2, 0, BYTES,
+                   progress=False)
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -15,7 +15,7 @@ from ultramem_jax.tasks import (
     FactRetrieval, MQAROverwrite, NIAH, TASKS, TaskError, TaskMixture,
     TaskSource, TokenSpace, aggregate, chance, collate, exact_match, get_task,
     make_instances, make_rows, parse_mixture, score)
-from ultramem_jax.tasks import base
+from ultramem_jax.tasks.space import FREE, KEY, VALUE
 
 BYTES = TokenSpace.for_tokenizer(ByteTokenizer())
 BPE = TokenSpace.for_vocab(4096, exclude=(0,))
@@ -85,7 +85,7 @@ def test_token_space_conventions():
   assert (len(BPE.keys), len(BPE.values)) == (252, 252)
   for space in (BYTES, BPE, SMALL):
     kinds = space.kind[np.asarray(space.reserved)]
-    assert (kinds != base.FREE).all()
+    assert (kinds != FREE).all()
     assert not set(space.keys) & set(space.values)
   with pytest.raises(TaskError, match="at least"):
     TokenSpace.for_vocab(20, num_reserved=8)
@@ -144,7 +144,7 @@ def test_solver_recovers_answers(name, filler):
             assert not np.isin(inst.tokens, space.exclude).any()
             # Every answer is a run of value tokens.
             answer_ids = inst.tokens[inst.answer_mask]
-            assert (space.kind[answer_ids] == base.VALUE).all()
+            assert (space.kind[answer_ids] == VALUE).all()
             assert _solved(task, inst.tokens, space) == _expected(inst)
             corrupted = _corrupt(inst, space, rng)
             assert _solved(task, corrupted, space) == _expected(inst)
@@ -193,7 +193,7 @@ def test_size_errors_name_the_parameter():
 
 
 def test_niah_depth_filler_and_buckets(filler):
-  hay = filler[BYTES.kind[filler] == base.FREE]
+  hay = filler[BYTES.kind[filler] == FREE]
   for depth in (0.0, 0.5, 1.0):
     for length in (64, 512):
       inst = get_task("niah", depth=depth).sample(3, BYTES, length,
@@ -208,7 +208,7 @@ def test_niah_depth_filler_and_buckets(filler):
       pos = inst.meta["needle_pos"]
       rest = np.delete(inst.tokens, np.r_[0, pos + np.arange(4),
                                           length - 4 + np.arange(4)])
-      assert (BYTES.kind[rest] == base.FREE).all()
+      assert (BYTES.kind[rest] == FREE).all()
       start = np.flatnonzero(hay == rest[0])
       assert any(np.array_equal(np.take(hay, s + np.arange(len(rest)),
                                         mode="wrap"), rest) for s in start)
@@ -229,9 +229,9 @@ def test_mqar_overwrite_answers_latest_value():
     for i, t in enumerate(toks[:-1]):
       if t in (BYTES.query, BYTES.round):
         querying = t == BYTES.query
-      elif BYTES.kind[t] == base.KEY and not querying:
+      elif BYTES.kind[t] == KEY and not querying:
         history.setdefault(int(t), []).append(int(toks[i + 1]))
-      elif BYTES.kind[t] == base.KEY:
+      elif BYTES.kind[t] == KEY:
         meta = answers[i + 1]
         writes = history[int(t)]
         assert toks[i + 1] == writes[-1]
@@ -404,7 +404,7 @@ def test_make_rows_shapes_masks_and_determinism(filler):
   assert (rows.inputs[:, 0] == BYTES.bos).all()
   pad = rows.targets == BYTES.pad
   assert (rows.loss_mask[pad] == 0).all()
-  assert (BYTES.kind[rows.targets[rows.loss_mask > 0]] == base.VALUE).all()
+  assert (BYTES.kind[rows.targets[rows.loss_mask > 0]] == VALUE).all()
   full = make_rows("mqar:1,niah:0.5", 16, 64, seed=3, tokenizer=tok,
                    filler=filler, loss_on="all")
   np.testing.assert_array_equal(full.targets, rows.targets)

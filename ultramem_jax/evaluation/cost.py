@@ -31,6 +31,18 @@ import json
 import pathlib
 import sys
 
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ultramem_jax.config import ConfigError, load_config
+from ultramem_jax.decode_cost import decode_report
+from ultramem_jax.inspect import (
+    abstract_model, decode_params, inspect_config, resolved_vocab)
+from ultramem_jax.model.kv_cache import KVCache
+from ultramem_jax.model.transformer import Transformer
+from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh
+
 
 def add_parser(sub) -> None:
   p = sub.add_parser("cost", help="bytes and FLOPs of a decode step: formula "
@@ -50,15 +62,6 @@ def add_parser(sub) -> None:
 def xla_decode_cost(cfg, batch: int) -> dict:
   """flops and bytes accessed of the compiled decode step of `cfg` for
   `batch` rows at context ``data.seq_len`` (single device)."""
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-  from flax import nnx  # noqa: PLC0415
-
-  from ultramem_jax.inspect import resolved_vocab  # noqa: PLC0415
-  from ultramem_jax.model.kv_cache import KVCache  # noqa: PLC0415
-  from ultramem_jax.model.transformer import Transformer  # noqa: PLC0415
-  from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh  # noqa: PLC0415
-
   model_cfg = dataclasses.replace(cfg.model, vocab_size=resolved_vocab(cfg))
   context = cfg.data.seq_len
   with use_mesh(single_device_mesh()):
@@ -80,8 +83,6 @@ def xla_decode_cost(cfg, batch: int) -> dict:
 
 
 def cost_table(cfg, batches: tuple[int, ...], xla: bool = True) -> list[dict]:
-  from ultramem_jax.decode_cost import decode_report  # noqa: PLC0415
-  from ultramem_jax.inspect import abstract_model, decode_params, inspect_config  # noqa: PLC0415
 
   counts = inspect_config(cfg, 1, batches)
   rows = []
@@ -126,7 +127,6 @@ def markdown(results: dict[str, list[dict]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-  from ultramem_jax.config import ConfigError, load_config  # noqa: PLC0415
 
   parts = args.batch.split(",")
   if not all(p.isdigit() and int(p) > 0 for p in parts):

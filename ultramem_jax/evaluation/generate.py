@@ -33,8 +33,12 @@ import numpy as np
 from flax import nnx
 
 from ultramem_jax.config import ConfigError, ModelConfig
+from ultramem_jax.evaluation.restore import restore_run
 from ultramem_jax.evaluation.sampling import sample, step_keys
 from ultramem_jax.model.kv_cache import KVCache
+from ultramem_jax.parallel.mesh import use_mesh
+from ultramem_jax.parallel.tokens import token_shards
+from ultramem_jax.training.metrics import Progress
 
 
 def add_parser(sub) -> None:
@@ -153,8 +157,6 @@ class Sampler:
                batch_multiple: int = 1, progress: bool = False) -> Generation:
     """Up to `max_new_tokens` tokens after each prompt (non-empty id
     arrays), stopping early once every prompt has produced `end_id`."""
-    from ultramem_jax.training.metrics import Progress  # noqa: PLC0415
-
     check_sampling(0.0, 1.0, max_new_tokens)
     n = len(prompts)
     rows = list(prompts) + [prompts[-1]] * (-n % batch_multiple)
@@ -224,10 +226,6 @@ def model_only(graphdef: nnx.GraphDef, state: nnx.State
 
 
 def run(args: argparse.Namespace) -> int:
-  from ultramem_jax.evaluation.restore import restore_run  # noqa: PLC0415
-  from ultramem_jax.parallel.mesh import use_mesh  # noqa: PLC0415
-  from ultramem_jax.parallel.tokens import token_shards  # noqa: PLC0415
-
   check_sampling(args.temperature, args.top_p, args.max_new_tokens)
   prompts = read_prompts(args)
   restored = restore_run(args.run_dir, args.step, args.overrides)

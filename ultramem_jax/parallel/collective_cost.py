@@ -1,6 +1,9 @@
 """What each collective of a training step costs, from the config and the
 mesh sizes alone (no devices, nothing compiled): the numbers behind the
-``collectives`` section of ``python -m ultramem_jax.inspect``.
+``collectives`` section of ``python -m ultramem_jax.inspect``. The
+per-token collectives of a layer are in :mod:`.collective_ops`, the
+per-step ones of parameters and counters in :mod:`.collective_step`; this
+module adds them up over a config's layers.
 
 **Bytes per token.** For a collective that moves activations:
 
@@ -93,259 +96,16 @@ collectives to float32. A batch the batch axes do not divide is padded
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from typing import Iterable, Sequence
+from typing import Iterable
 
-from ultramem_jax.parallel.rules import BATCH_AXES, RULES, batch_shards
+from ultramem_jax.memory_geometry import MemoryGeometry, memory_geometry
+from ultramem_jax.parallel.collective_ops import (
+    Op, head_ops, memory_layer_ops, moe_layer_ops, round_bytes, tensor_ops)
+from ultramem_jax.parallel.collective_step import (
+    ParamInfo, counter_step_ops, param_step_ops)
+from ultramem_jax.parallel.rules import batch_shards
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float64": 8}
-INT32 = 4
-
-
-# --------------------------------------------------------------------------
-# The primitives: bytes one device sends, per-device buffer sizes in bytes
-# --------------------------------------------------------------------------
-
-
-def all_gather(result: float, m: int) -> float:
-  """(m - 1) / m * R for a gathered result of R bytes."""
-  return (m - 1) / m * result
-
-
-def reduce_scatter(operand: float, m: int) -> float:
-  """(m - 1) / m * R for an operand of R bytes (result R / m)."""
-  return (m - 1) / m * operand
-
-
-def all_reduce(size: float, m: int) -> float:
-  """2 (m - 1) / m * R: a reduce-scatter, then an all-gather."""
-  return 2 * (m - 1) / m * size
-
-
-def all_to_all(size: float, m: int) -> float:
-  """(m - 1) / m * R: every device keeps 1/m of its R bytes."""
-  return (m - 1) / m * size
-
-
-@dataclasses.dataclass(frozen=True)
-class Op:
-  """One collective of a layer, in bytes per token (forward, backward);
-  `bwd_op` is the backward's collective (its transpose) when it differs."""
-
-  op: str
-  what: str
-  axis: str
-  group: int
-  fwd: float
-  bwd: float
-  bwd_op: str = ""
-  approximate: bool = False
-
-  @property
-  def backward_op(self) -> str | None:
-    return (self.bwd_op or self.op) if self.bwd else None
-
-  def as_dict(self) -> dict:
-    out = {"op": self.op, "what": self.what, "axis": self.axis,
-           "group": self.group, "bytes_per_token_fwd": _round(self.fwd),
-           "bytes_per_token_bwd": _round(self.bwd), "op_bwd": self.backward_op}
-    if self.approximate:
-      out["approximate"] = True
-    return out
-
-
-def _round(x: float) -> float | int:
-  return int(x) if float(x).is_integer() else round(x, 3)
-
-
-# --------------------------------------------------------------------------
-# Per-token collectives of one layer
-# --------------------------------------------------------------------------
-
-
-def memory_layer_ops(*, group: int, slots: int, cores: int, blocks: int,
-                     value_dim: int, pre_value_dim: int, dtype_bytes: int,
-                     mode: str = "column") -> list[Op]:
-  """The collectives of one memory layer over a group of M = `group`
-  devices (module docstring); `slots` S = heads * top_m, `cores` hc,
-  `blocks` E. Empty for M = 1."""
-  m, s, hc, e = group, slots, cores, blocks
-  if m == 1:
-    return []
-  f, b, ax = max(4, dtype_bytes), dtype_bytes, "memory"
-  gather = lambda per_token: all_gather(m * per_token, m)   # (m-1) * per_token
-  ops = [Op("all-gather", "slots [N, S] int32", ax, m, gather(INT32 * s), 0)]
-  if e > 1:
-    ops.append(Op("all-gather", "value blocks [N, S] int32", ax, m,
-                  gather(INT32 * s), 0))
-  g = gather(f * s * hc)
-  ops.append(Op("all-gather", "scores [N, S, hc]", ax, m, g, g, "reduce-scatter"))
-  if pre_value_dim:
-    g = gather(b * pre_value_dim)
-    ops.append(Op("all-gather", "z [N, Dp]", ax, m, g, g, "reduce-scatter"))
-    r = all_reduce(m * f * s, m)
-    ops.append(Op("all-reduce", "pre-value dots a [N, S] float32", ax, m, r, r))
-  if mode == "column":
-    a = all_to_all(f * e * value_dim, m)
-    ops.append(Op("all-to-all", "outputs [N, E, Dv/M] float32", ax, m, a, a))
-  elif mode == "row":
-    r = reduce_scatter(m * f * e * value_dim, m)
-    ops.append(Op("reduce-scatter", "partial outputs [N, E*Dv] float32",
-                  ax, m, r, r, "all-gather"))
-  else:
-    raise ValueError(f"table sharding {mode!r}: expected column or row")
-  return ops
-
-
-def moe_layer_ops(*, group: int, top_k: int, d_model: int,
-                  dtype_bytes: int) -> list[Op]:
-  """Dispatch and combine of one MoE layer over X = `group` expert devices:
-  k d b (X-1)/X per token each way, the same again backward."""
-  x = group
-  if x == 1:
-    return []
-  a = all_to_all(top_k * d_model * dtype_bytes, x)
-  return [Op("ragged-all-to-all", "dispatch k tokens [N*k, d]", "expert", x, a, a),
-          Op("ragged-all-to-all", "combine k outputs [N*k, d]", "expert", x, a, a)]
-
-
-def tensor_ops(*, group: int, d_model: int, dtype_bytes: int, part: str,
-               backward_inputs: int = 1) -> list[Op]:
-  """Megatron-style all-reduce of a [N, d] partial sum over T = `group`
-  tensor devices: the output of `part` (forward), and its input gradient
-  (backward, `backward_inputs` of them; 0 for none)."""
-  t = group
-  if t == 1:
-    return []
-  r = all_reduce(d_model * dtype_bytes, t)
-  return [Op("all-reduce", f"{part} [N, d]", "tensor", t, r,
-             backward_inputs * r, approximate=True)]
-
-
-def head_ops(*, group: int, d_model: int, dtype_bytes: int) -> list[Op]:
-  """Vocabulary sharded over T: the embedding lookup's partial rows, the
-  cross-entropy's max and sum-exp (float32), the hidden gradient."""
-  t = group
-  if t == 1:
-    return []
-  emb = all_reduce(d_model * dtype_bytes, t)
-  return [Op("all-reduce", "embedding lookup [N, d]", "tensor", t, emb, 0,
-             approximate=True),
-          Op("all-reduce", "logit max, sum-exp [N] float32 (bwd: hidden "
-             "gradient [N, d])", "tensor", t, all_reduce(2 * 4, t), emb,
-             approximate=True)]
-
-
-# --------------------------------------------------------------------------
-# Per-step collectives of parameters and gradients
-# --------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamInfo:
-  """One parameter: slash-joined path, element count, bytes per element,
-  logical axis names (``rules.LOGICAL_AXIS_RULES``)."""
-
-  path: str
-  size: int
-  itemsize: int
-  names: tuple[str | None, ...]
-
-
-def param_category(p: ParamInfo) -> tuple[str, frozenset[str]]:
-  """(category, mesh axes its layer reads it split over, ungathered): the
-  tables inside the memory layer's shard_map, the experts inside the
-  expert-parallel shard_map, anything else tensor-parallel."""
-  leaf = p.path.rsplit("/", 1)[-1]
-  if leaf in ("values", "pre_values"):
-    return "memory tables", frozenset({"memory"})
-  if "expert" in p.names:
-    return "MoE experts", frozenset({"expert"})
-  return "other parameters", frozenset({"tensor"})
-
-
-def mesh_axes(names: Sequence[str | None]) -> list[str]:
-  """Mesh axes sharding some dimension of an array with these names."""
-  axes = []
-  for name in names:
-    rule = RULES.get(name) if name is not None else None
-    if rule is not None:
-      axes += [rule] if isinstance(rule, str) else list(rule)
-  return axes
-
-
-def param_step_ops(params: Iterable[ParamInfo], sizes: dict[str, int]) -> list[dict]:
-  """Per-step parameter all-gathers, gradient reduce-scatters and gradient
-  all-reduces (module docstring), summed by (op, axes, category); bytes are
-  what one device sends per step."""
-  batch = [a for a in BATCH_AXES if sizes.get(a, 1) > 1]
-  rows: dict[tuple, list[float]] = {}
-
-  def add(op, what, axes, category, param_bytes, sent):
-    group = math.prod(sizes[a] for a in axes)
-    key = (op, what, tuple(axes), group, category)
-    acc = rows.setdefault(key, [0.0, 0.0])
-    acc[0] += param_bytes
-    acc[1] += sent
-
-  for p in params:
-    category, in_place = param_category(p)
-    full = p.size * p.itemsize
-    sharded = [a for a in mesh_axes(p.names) if sizes.get(a, 1) > 1]
-    kept = [a for a in sharded if a in in_place]
-    gathered = [a for a in sharded if a not in kept]
-    used = full / math.prod(sizes[a] for a in kept)    # bytes after the gather
-    if gathered:
-      a = math.prod(sizes[x] for x in gathered)
-      add("all-gather", "parameters before use", gathered, category, full,
-          all_gather(used, a))
-      add("reduce-scatter", "gradients", gathered, category, full,
-          reduce_scatter(used, a))
-    replicated = [x for x in batch if x not in sharded]
-    if replicated:
-      r = math.prod(sizes[x] for x in replicated)
-      shard = full / math.prod(sizes[x] for x in sharded)
-      add("all-reduce", "gradients", replicated, category, full,
-          all_reduce(shard, r))
-  return [{"op": op, "what": f"{what}: {category}", "axes": list(axes),
-           "group": group, "param_bytes": _round(pb),
-           "bytes_per_device": _round(sent), "approximate": True}
-          for (op, what, axes, group, category), (pb, sent) in sorted(rows.items())]
-
-
-def counter_step_ops(*, memory_rows: Sequence[int], moe_experts: Sequence[int],
-                     sizes: dict[str, int]) -> list[dict]:
-  """Per step: all-reduce (max) of each memory layer's slot-use stamps
-  [rows] int32 over the batch axes; per MoE layer, all-gather of the per-
-  expert counts [E] int32 over ``expert`` and all-reduce of the router
-  statistics ([E] int32 counts, [E] float32 mean probabilities) over the
-  batch axes."""
-  out = []
-  batch = [a for a in BATCH_AXES if sizes.get(a, 1) > 1]
-  g = math.prod(sizes[a] for a in batch)
-  if memory_rows and g > 1:
-    out.append({"op": "all-reduce", "what": "memory slot-use stamps [rows] int32 "
-                f"(max), {len(memory_rows)} layers", "axes": batch, "group": g,
-                "bytes_per_device": _round(sum(all_reduce(INT32 * r, g)
-                                               for r in memory_rows))})
-  if moe_experts and g > 1:
-    out.append({"op": "all-reduce", "what": "router statistics [E] int32 + [E] "
-                f"float32, {len(moe_experts)} layers", "axes": batch, "group": g,
-                "bytes_per_device": _round(sum(all_reduce(8 * e, g)
-                                               for e in moe_experts))})
-  x = sizes.get("expert", 1)
-  if moe_experts and x > 1:
-    out.append({"op": "all-gather", "what": "per-expert counts [E] int32, "
-                f"{len(moe_experts)} layers", "axes": ["expert"], "group": x,
-                "bytes_per_device": _round(sum(all_gather(x * INT32 * e, x)
-                                               for e in moe_experts))})
-  return out
-
-
-# --------------------------------------------------------------------------
-# The report of a config
-# --------------------------------------------------------------------------
 
 
 def _group_layers(entries: list[tuple[int | str, str, list[Op]]]) -> list[dict]:
@@ -358,22 +118,21 @@ def _group_layers(entries: list[tuple[int | str, str, list[Op]]]) -> list[dict]:
   for (kind, ops), blocks in groups.items():
     fwd, bwd = sum(o.fwd for o in ops), sum(o.bwd for o in ops)
     out.append({"kind": kind, "layers": blocks, "ops": [o.as_dict() for o in ops],
-                "bytes_per_token_fwd": _round(fwd),
-                "bytes_per_token_bwd": _round(bwd),
-                "total_bytes_per_token": _round(fwd + bwd)})
+                "bytes_per_token_fwd": round_bytes(fwd),
+                "bytes_per_token_bwd": round_bytes(bwd),
+                "total_bytes_per_token": round_bytes(fwd + bwd)})
   return out
 
 
-def collective_report(cfg, sizes: dict[str, int], params: Iterable[ParamInfo]) -> dict:
-  """The ``collectives`` section of ``inspect`` for a ``Config`` and the
-  resolved mesh `sizes` (axis -> devices)."""
-  from ultramem_jax.memory_geometry import memory_geometry  # noqa: PLC0415
-
-  m_cfg, mem = cfg.model, cfg.model.memory
+def _layer_entries(m_cfg, sizes: dict[str, int], geo: MemoryGeometry
+                   ) -> tuple[list[tuple[int | str, str, list[Op]]], int]:
+  """(block, kind, per-token ops) of the embedding/output and of every
+  block's attention, FFN or MoE and memory layer, and the number of MoE
+  layers."""
+  mem = m_cfg.memory
   b = DTYPE_BYTES[m_cfg.dtype]
   d = m_cfg.d_model
   t, x, mm = sizes.get("tensor", 1), sizes.get("expert", 1), sizes.get("memory", 1)
-  geo = memory_geometry(m_cfg)
   memory_blocks = {src for src, _ in geo.placement}
   moe = m_cfg.ffn.kind == "moe"
   hc = mem.tucker_cores if mem.score == "tucker" else 1
@@ -399,6 +158,15 @@ def collective_report(cfg, sizes: dict[str, int], params: Iterable[ParamInfo]) -
           group=mm, slots=mem.heads * mem.top_m, cores=hc, blocks=geo.blocks,
           value_dim=m_cfg.value_dim, pre_value_dim=mem.pre_value_dim,
           dtype_bytes=b, mode=mem.table_sharding)))
+  return entries, moe_layers
+
+
+def collective_report(cfg, sizes: dict[str, int], params: Iterable[ParamInfo]) -> dict:
+  """The ``collectives`` section of ``inspect`` for a ``Config`` and the
+  resolved mesh `sizes` (axis -> devices)."""
+  m_cfg = cfg.model
+  geo = memory_geometry(m_cfg)
+  entries, moe_layers = _layer_entries(m_cfg, sizes, geo)
   per_layer = _group_layers(entries)
   fwd = sum(e["bytes_per_token_fwd"] * len(e["layers"]) for e in per_layer)
   bwd = sum(e["bytes_per_token_bwd"] * len(e["layers"]) for e in per_layer)
@@ -416,13 +184,13 @@ def collective_report(cfg, sizes: dict[str, int], params: Iterable[ParamInfo]) -
                     "processes (ring schedules); per step: bytes one device "
                     "sends per optimizer step",
       "tokens_per_step": tokens,
-      "tokens_per_device": _round(per_device),
+      "tokens_per_device": round_bytes(per_device),
       "per_layer": per_layer,
-      "per_token": {"fwd": _round(fwd), "bwd": _round(bwd),
-                    "total": _round(fwd + bwd)},
+      "per_token": {"fwd": round_bytes(fwd), "bwd": round_bytes(bwd),
+                    "total": round_bytes(fwd + bwd)},
       "per_step": per_step,
       "per_device_per_step": {
-          "activations": _round((fwd + bwd) * per_device),
-          "parameters_and_counters": _round(step_params),
-          "total": _round((fwd + bwd) * per_device + step_params)},
+          "activations": round_bytes((fwd + bwd) * per_device),
+          "parameters_and_counters": round_bytes(step_params),
+          "total": round_bytes((fwd + bwd) * per_device + step_params)},
   }

@@ -35,8 +35,12 @@ from typing import Iterable, Literal, NamedTuple
 
 import numpy as np
 
-from ultramem_jax.tasks import base
-from ultramem_jax.tasks.base import KEY, MARKER, VALUE, Size
+from ultramem_jax.tasks.base import Task
+from ultramem_jax.tasks.instance import Builder, Instance
+from ultramem_jax.tasks.parsing import Run, key_of, runs
+from ultramem_jax.tasks.sampling import (
+    Size, capacity, distinct_tuples, pick_size, random_tuples)
+from ultramem_jax.tasks.space import KEY, MARKER, VALUE, TaskError, TokenSpace
 
 FORMS = ("statement", "qa_seen", "qa_heldout")
 Form = Literal["statement", "qa_seen", "qa_heldout"]
@@ -56,7 +60,7 @@ class FactBase(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class FactRetrieval(base.Task):
+class FactRetrieval(Task):
   """Fact retrieval.
 
   Attributes:
@@ -85,13 +89,13 @@ class FactRetrieval(base.Task):
 
   # -- the fact base ---------------------------------------------------------
 
-  def facts(self, space: base.TokenSpace) -> FactBase:
+  def facts(self, space: TokenSpace) -> FactBase:
     """The fact base: a function of the parameters and `space` only."""
     return _fact_base(self.n_entities, self.n_relations, self.entity_len,
                       self.object_len, self.fact_seed, self.qa_fraction, space)
 
-  def corpus(self, space: base.TokenSpace,
-             length: int = 129) -> list[base.Instance]:
+  def corpus(self, space: TokenSpace,
+             length: int = 129) -> list[Instance]:
     """Every fact stated once, in a fixed shuffled order, packed into
     instances of at most `length` tokens (one epoch of the statements)."""
     fb = self.facts(space)
@@ -99,7 +103,7 @@ class FactRetrieval(base.Task):
     per_row = self._fit(length)
     out = []
     for start in range(0, len(order), per_row):
-      b = base.Builder().add(space.bos)
+      b = Builder().add(space.bos)
       chunk = order[start:start + per_row]
       self._items(b, space, fb, chunk, np.full(len(chunk), "statement"))
       out.append(b.build(task=self.name, length=length, split="corpus"))
@@ -110,13 +114,13 @@ class FactRetrieval(base.Task):
   def generate(self, rng, space, length, *, split="train", filler=None):
     fb = self.facts(space)
     r = fb.objects.shape[1]
-    n = base.pick_size(self.items, self._fit(length), rng, f"{self.name}.items")
+    n = pick_size(self.items, self._fit(length), rng, f"{self.name}.items")
     if self.form is not None and self.form not in FORMS:
-      raise base.TaskError(f"{self.name}.form={self.form!r}: expected one of "
-                           f"{', '.join(FORMS)} or None")
+      raise TaskError(f"{self.name}.form={self.form!r}: expected one of "
+                      f"{', '.join(FORMS)} or None")
     if not 0.0 <= self.statement_prob <= 1.0:
-      raise base.TaskError(f"{self.name}.statement_prob={self.statement_prob}: "
-                           "must be in [0, 1]")
+      raise TaskError(f"{self.name}.statement_prob={self.statement_prob}: "
+                      "must be in [0, 1]")
     if split == "train":
       n_qa = (int(rng.binomial(n, 1.0 - self.statement_prob))
               if fb.qa_seen.any() else 0)
@@ -131,7 +135,7 @@ class FactRetrieval(base.Task):
       counts = {f: 0 for f in FORMS}
       counts.update({f: int(c) for f, c in zip(forms, drawn)})
     else:
-      raise base.TaskError(f"split={split!r}: expected 'train' or 'eval'")
+      raise TaskError(f"split={split!r}: expected 'train' or 'eval'")
 
     # Distinct facts across the whole row, so none can be copied in context.
     fact_ids = np.arange(fb.num_facts)
@@ -141,8 +145,8 @@ class FactRetrieval(base.Task):
                        ("qa_heldout", fact_ids[~seen])):
       k = min(counts[form], len(pool))
       if counts[form] and not k:
-        raise base.TaskError(f"{self.name}: no facts of form {form} "
-                             f"(qa_fraction={self.qa_fraction})")
+        raise TaskError(f"{self.name}: no facts of form {form} "
+                        f"(qa_fraction={self.qa_fraction})")
       picked[form] = rng.choice(pool, size=k, replace=False)
     taken = np.concatenate([picked["qa_seen"], picked["qa_heldout"]])
     free = np.ones(fb.num_facts, bool)
@@ -153,7 +157,7 @@ class FactRetrieval(base.Task):
     facts = np.concatenate([picked[f] for f in FORMS])
     forms = np.repeat(np.asarray(FORMS), [len(picked[f]) for f in FORMS])
     order = rng.permutation(len(facts))
-    b = base.Builder().add(space.bos)
+    b = Builder().add(space.bos)
     self._items(b, space, fb, facts[order], forms[order])
     return b.build(task=self.name, length=length, split=split,
                    items=len(facts))
@@ -161,7 +165,7 @@ class FactRetrieval(base.Task):
   def _fit(self, length: int) -> int:
     return (length - 1) // (2 + self.entity_len + self.object_len)
 
-  def _items(self, b: base.Builder, space, fb: FactBase, facts: np.ndarray,
+  def _items(self, b: Builder, space, fb: FactBase, facts: np.ndarray,
              forms: np.ndarray):
     """Adds one item per fact id (``entity * n_relations + relation``)."""
     e, r = np.divmod(facts, fb.objects.shape[1])
@@ -178,8 +182,8 @@ class FactRetrieval(base.Task):
   # -- solving ---------------------------------------------------------------
 
   @staticmethod
-  def learn(texts: Iterable[base.Instance | np.ndarray],
-            space: base.TokenSpace) -> dict[tuple, tuple[int, ...]]:
+  def learn(texts: Iterable[Instance | np.ndarray],
+            space: TokenSpace) -> dict[tuple, tuple[int, ...]]:
     """Reads facts off training text: ``{(entity, relation): object}``.
 
     Statements and query-form items are parsed from the tokens (the
@@ -187,16 +191,16 @@ class FactRetrieval(base.Task):
     """
     known = {}
     for text in texts:
-      if isinstance(text, base.Instance):
+      if isinstance(text, Instance):
         text = text.tokens
       tokens = np.asarray(text)
-      rs = base.runs(tokens, space)
+      rs = runs(tokens, space)
       for a, k, v in zip(rs, rs[1:], rs[2:]):
         if a.kind != MARKER or k.kind != KEY or v.kind != VALUE:
           continue
         known_key = _fact_key(tokens, a, k, space)
         if known_key is not None:
-          known[known_key] = base.key_of(tokens, v)
+          known[known_key] = key_of(tokens, v)
     return known
 
   def solve(self, tokens, space, knowledge: dict | None = None):
@@ -206,7 +210,7 @@ class FactRetrieval(base.Task):
     if knowledge is None:
       knowledge = _corpus_knowledge(self, space)
     tokens = np.asarray(tokens)
-    rs = base.runs(tokens, space)
+    rs = runs(tokens, space)
     out = []
     for a, k in zip(rs, rs[1:]):
       if a.kind == MARKER and k.kind == KEY:
@@ -216,9 +220,9 @@ class FactRetrieval(base.Task):
     return out
 
 
-def _fact_key(tokens, marker: base.Run, run: base.Run, space):
+def _fact_key(tokens, marker: Run, run: Run, space):
   """(entity, relation) of a statement or query item, else None."""
-  ids = base.key_of(tokens, run)
+  ids = key_of(tokens, run)
   if len(ids) < 2:
     return None
   if tokens[marker.start] == space.fact:
@@ -231,21 +235,21 @@ def _fact_key(tokens, marker: base.Run, run: base.Run, space):
 @functools.lru_cache(maxsize=16)
 def _fact_base(n_entities, n_relations, entity_len, object_len, fact_seed,
                qa_fraction, space) -> FactBase:
-  cap = base.capacity(len(space.keys), entity_len)
+  cap = capacity(len(space.keys), entity_len)
   if not 1 <= n_entities <= cap:
-    raise base.TaskError(f"fact_retrieval.n_entities={n_entities}: must be in "
-                         f"[1, {cap}] (distinct entities of {entity_len} keys)")
+    raise TaskError(f"fact_retrieval.n_entities={n_entities}: must be in "
+                    f"[1, {cap}] (distinct entities of {entity_len} keys)")
   if not 1 <= n_relations <= len(space.keys):
-    raise base.TaskError(f"fact_retrieval.n_relations={n_relations}: must be "
-                         f"in [1, {len(space.keys)}]")
+    raise TaskError(f"fact_retrieval.n_relations={n_relations}: must be "
+                    f"in [1, {len(space.keys)}]")
   if not 0.0 <= qa_fraction <= 1.0:
-    raise base.TaskError(f"fact_retrieval.qa_fraction={qa_fraction}: must be "
-                         "in [0, 1]")
+    raise TaskError(f"fact_retrieval.qa_fraction={qa_fraction}: must be "
+                    "in [0, 1]")
   rng = np.random.default_rng([fact_seed, 0xFAC75])
-  entities = base.distinct_tuples(rng, space.keys, entity_len, n_entities)
+  entities = distinct_tuples(rng, space.keys, entity_len, n_entities)
   relations = rng.choice(space.keys, size=n_relations, replace=False)
-  objects = base.random_tuples(rng, space.values, object_len,
-                               n_entities * n_relations)
+  objects = random_tuples(rng, space.values, object_len,
+                          n_entities * n_relations)
   seen = np.zeros(n_entities, bool)
   n_seen = int(round(qa_fraction * n_entities))
   seen[rng.permutation(n_entities)[:n_seen]] = True

@@ -14,10 +14,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ultramem_jax.tasks import base
-from ultramem_jax.tasks.base import (
-    Instance, LossOn, Split, Task, TaskRows, TokenSpace)
+from ultramem_jax.tasks.base import SPLITS, Split, Task
+from ultramem_jax.tasks.instance import Instance, LossOn, TaskRows, collate
 from ultramem_jax.tasks.registry import TASKS, get_task, parse_mixture
+from ultramem_jax.tasks.scoring import exact_match
+from ultramem_jax.tasks.space import TaskError, TokenSpace, default_space
 
 TaskSpec = str | Task | Mapping[str, float]
 
@@ -39,8 +40,8 @@ class TaskMixture:
     params = dict(params or {})
     for name in params:
       if name not in TASKS:
-        raise base.TaskError(f"task parameters for unknown task {name!r}; "
-                             f"known: {', '.join(TASKS)}")
+        raise TaskError(f"task parameters for unknown task {name!r}; "
+                        f"known: {', '.join(TASKS)}")
     tasks = dict(tasks or {})
     self.names = tuple(weights)
     self.tasks = {n: tasks.get(n) or get_task(n, **params.get(n, {}))
@@ -65,9 +66,9 @@ class TaskMixture:
                ) -> Instance:
     """Instance `index` of the stream `(seed, split)`: at most `length`
     tokens."""
-    if split not in base.SPLITS:
-      raise base.TaskError(f"split={split!r}: expected 'train' or 'eval'")
-    rng = np.random.default_rng([seed, base.SPLITS.index(split), index])
+    if split not in SPLITS:
+      raise TaskError(f"split={split!r}: expected 'train' or 'eval'")
+    rng = np.random.default_rng([seed, SPLITS.index(split), index])
     k = min(int(np.searchsorted(self._cum, rng.random(), side="right")),
             len(self.names) - 1)
     return self.tasks[self.names[k]].generate(rng, space, length, split=split,
@@ -101,8 +102,8 @@ class TaskSource:
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
     if not -self.size <= i < self.size:
       raise IndexError(i)
-    rows = base.collate([self.instance(i % self.size)], self.seq_len,
-                        self.space, self.loss_on)
+    rows = collate([self.instance(i % self.size)], self.seq_len,
+                   self.space, self.loss_on)
     return {k: v[0] for k, v in rows.as_batch().items()}
 
 
@@ -135,7 +136,7 @@ def make_rows(task: TaskSpec, n: int, seq_len: int, seed: int,
       tokens: inputs and shifted targets).
     seed: the stream's seed.
     vocab_size, tokenizer, space: the token space (see
-      :func:`base.default_space`): a given `space` wins, else the
+      :func:`~ultramem_jax.tasks.space.default_space`): a given `space` wins, else the
       tokenizer's (its separator excluded), else the top of `vocab_size`.
     filler: tokenized corpus text for the needle task's haystack.
     split: "train" or "eval" (a separate stream; fact retrieval also asks
@@ -145,14 +146,14 @@ def make_rows(task: TaskSpec, n: int, seq_len: int, seed: int,
     start: the index of the first instance.
     params: per-task parameter overrides, ``{name: {param: value}}``.
   """
-  space = base.default_space(vocab_size, tokenizer, space)
+  space = default_space(vocab_size, tokenizer, space)
   insts = make_instances(task, n, seq_len + 1, seed, space, split=split,
                          filler=filler, start=start, params=params)
-  return base.collate(insts, seq_len, space, loss_on)
+  return collate(insts, seq_len, space, loss_on)
 
 
 def score(instances: Sequence[Instance],
           preds: Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]:
-  """:func:`base.exact_match` of each instance against its prediction row."""
-  return [base.exact_match(p, inst)
+  """:func:`~ultramem_jax.tasks.scoring.exact_match` of each instance against its prediction row."""
+  return [exact_match(p, inst)
           for p, inst in zip(preds, instances, strict=True)]

@@ -17,12 +17,15 @@ import dataclasses
 
 import numpy as np
 
-from ultramem_jax.tasks import base
-from ultramem_jax.tasks.base import Size, TaskError
+from ultramem_jax.tasks.base import Task
+from ultramem_jax.tasks.instance import Builder
+from ultramem_jax.tasks.parsing import recall
+from ultramem_jax.tasks.sampling import (
+    Size, capacity, distinct_tuples, pick_size, random_tuples)
 
 
 @dataclasses.dataclass(frozen=True)
-class MQAR(base.Task):
+class MQAR(Task):
   """MQAR.
 
   Attributes:
@@ -40,28 +43,28 @@ class MQAR(base.Task):
 
   def generate(self, rng, space, length, *, split="train", filler=None):
     w = self.key_len + self.value_len
-    cap = base.capacity(len(space.keys), self.key_len)
+    cap = capacity(len(space.keys), self.key_len)
     if self.num_queries is None:
       n_max = (length - 2) // (2 * w)
     else:
       q_min = (self.num_queries if isinstance(self.num_queries, int)
                else self.num_queries[0])
       n_max = (length - 2 - q_min * w) // w
-    n = base.pick_size(self.num_pairs, min(n_max, cap), rng,
-                       f"{self.name}.num_pairs")
+    n = pick_size(self.num_pairs, min(n_max, cap), rng,
+                  f"{self.name}.num_pairs")
     if self.num_queries is None:
       q = n
     else:
-      q = base.pick_size(self.num_queries, min(n, (length - 2 - n * w) // w),
-                         rng, f"{self.name}.num_queries")
-    keys = base.distinct_tuples(rng, space.keys, self.key_len, n)
-    values = base.random_tuples(rng, space.values, self.value_len, n)
+      q = pick_size(self.num_queries, min(n, (length - 2 - n * w) // w),
+                    rng, f"{self.name}.num_queries")
+    keys = distinct_tuples(rng, space.keys, self.key_len, n)
+    values = random_tuples(rng, space.values, self.value_len, n)
     asked = rng.choice(n, size=q, replace=False)
 
-    b = base.Builder().add(space.bos)
+    b = Builder().add(space.bos)
     b.add(np.concatenate([keys, values], axis=1).ravel(), space.query)
     b.items(keys[asked], values[asked], key_index=asked)
     return b.build(task=self.name, length=length, num_pairs=n, num_queries=q)
 
   def solve(self, tokens, space):
-    return base.recall(np.asarray(tokens), space)
+    return recall(np.asarray(tokens), space)

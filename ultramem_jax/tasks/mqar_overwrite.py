@@ -18,12 +18,15 @@ import dataclasses
 
 import numpy as np
 
-from ultramem_jax.tasks import base
-from ultramem_jax.tasks.base import Size
+from ultramem_jax.tasks.base import Task
+from ultramem_jax.tasks.instance import Builder
+from ultramem_jax.tasks.parsing import recall
+from ultramem_jax.tasks.sampling import Size, capacity, decode_codes, pick_size
+from ultramem_jax.tasks.space import TaskError
 
 
 @dataclasses.dataclass(frozen=True)
-class MQAROverwrite(base.Task):
+class MQAROverwrite(Task):
   """Multi-round MQAR.
 
   Attributes:
@@ -47,42 +50,25 @@ class MQAROverwrite(base.Task):
 
   def generate(self, rng, space, length, *, split="train", filler=None):
     if not 0.0 <= self.overwrite_fraction <= 1.0:
-      raise base.TaskError(f"{self.name}.overwrite_fraction="
-                           f"{self.overwrite_fraction}: must be in [0, 1]")
-    w = self.key_len + self.value_len
-    cap = base.capacity(len(space.keys), self.key_len)
-    vcap = base.capacity(len(space.values), self.value_len)
-    r = base.pick_size(self.rounds, (length - 1) // (2 * w + 2), rng,
-                       f"{self.name}.rounds")
-    fixed = 2 * r  # BOS, r QUERY markers, r - 1 ROUND markers
-    if self.queries_per_round is None:
-      p_max = (length - fixed) // (2 * r * w)
-    else:
-      q_min = (self.queries_per_round if isinstance(self.queries_per_round, int)
-               else self.queries_per_round[0])
-      p_max = (length - fixed - r * q_min * w) // (r * w)
-    p = base.pick_size(self.pairs_per_round, min(p_max, cap), rng,
-                       f"{self.name}.pairs_per_round")
-    if self.queries_per_round is None:
-      q = p
-    else:
-      q = base.pick_size(self.queries_per_round,
-                         min(p, (length - fixed - r * p * w) // (r * w)), rng,
-                         f"{self.name}.queries_per_round")
+      raise TaskError(f"{self.name}.overwrite_fraction="
+                      f"{self.overwrite_fraction}: must be in [0, 1]")
+    cap = capacity(len(space.keys), self.key_len)
+    vcap = capacity(len(space.values), self.value_len)
+    r, p, q = self._sizes(rng, length, cap)
     if vcap < 2 and r > 1:
-      raise base.TaskError(f"{self.name}: overwrites need at least 2 values")
+      raise TaskError(f"{self.name}: overwrites need at least 2 values")
 
     # Every key the instance may use, in order of first appearance.
     n_over = int(round(self.overwrite_fraction * p))
     total_new = min(cap, p + (r - 1) * (p - n_over))
-    keys = space.keys[base.decode_codes(
+    keys = space.keys[decode_codes(
         rng.choice(cap, size=total_new, replace=False), len(space.keys),
         self.key_len)]
     current = np.zeros(total_new, np.int64)  # value code of each key
     writes = np.zeros(total_new, np.int64)   # how often each was written
     used = 0
 
-    b = base.Builder().add(space.bos)
+    b = Builder().add(space.bos)
     for rnd in range(1, r + 1):
       if rnd > 1:
         b.add(space.round)
@@ -107,9 +93,32 @@ class MQAROverwrite(base.Task):
     return b.build(task=self.name, length=length, rounds=r,
                    pairs_per_round=p, queries_per_round=q)
 
+  def _sizes(self, rng, length: int, cap: int) -> tuple[int, int, int]:
+    """(rounds, pairs per round, queries per round) that fit `length`
+    tokens with at most `cap` distinct keys."""
+    w = self.key_len + self.value_len
+    r = pick_size(self.rounds, (length - 1) // (2 * w + 2), rng,
+                  f"{self.name}.rounds")
+    fixed = 2 * r  # BOS, r QUERY markers, r - 1 ROUND markers
+    if self.queries_per_round is None:
+      p_max = (length - fixed) // (2 * r * w)
+    else:
+      q_min = (self.queries_per_round if isinstance(self.queries_per_round, int)
+               else self.queries_per_round[0])
+      p_max = (length - fixed - r * q_min * w) // (r * w)
+    p = pick_size(self.pairs_per_round, min(p_max, cap), rng,
+                  f"{self.name}.pairs_per_round")
+    if self.queries_per_round is None:
+      q = p
+    else:
+      q = pick_size(self.queries_per_round,
+                    min(p, (length - fixed - r * p * w) // (r * w)), rng,
+                    f"{self.name}.queries_per_round")
+    return r, p, q
+
   def _values(self, space, codes: np.ndarray) -> np.ndarray:
-    return space.values[base.decode_codes(codes, len(space.values),
-                                          self.value_len)]
+    return space.values[decode_codes(codes, len(space.values),
+                                     self.value_len)]
 
   def solve(self, tokens, space):
-    return base.recall(np.asarray(tokens), space)
+    return recall(np.asarray(tokens), space)

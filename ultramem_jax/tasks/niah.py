@@ -21,15 +21,19 @@ import dataclasses
 
 import numpy as np
 
-from ultramem_jax.tasks import base
-from ultramem_jax.tasks.base import KEY, MARKER, VALUE
+from ultramem_jax.tasks.base import Task
+from ultramem_jax.tasks.instance import Builder
+from ultramem_jax.tasks.parsing import key_of, runs
+from ultramem_jax.tasks.sampling import capacity, distinct_tuples, random_tuples
+from ultramem_jax.tasks.space import (
+    FREE, KEY, MARKER, VALUE, TaskError, TokenSpace)
 
 # Depths drawn when none is given: 0%, 10%, ..., 100%.
 DEPTHS = tuple(i / 10 for i in range(11))
 
 
 @dataclasses.dataclass(frozen=True)
-class NIAH(base.Task):
+class NIAH(Task):
   """Needle in a haystack.
 
   Attributes:
@@ -48,31 +52,31 @@ class NIAH(base.Task):
 
   def generate(self, rng, space, length, *, split="train", filler=None):
     if self.depth is not None and not 0.0 <= self.depth <= 1.0:
-      raise base.TaskError(f"{self.name}.depth={self.depth}: must be in [0, 1]")
+      raise TaskError(f"{self.name}.depth={self.depth}: must be in [0, 1]")
     if self.num_needles < 1:
-      raise base.TaskError(f"{self.name}.num_needles={self.num_needles}: "
-                           "must be at least 1")
-    cap = base.capacity(len(space.keys), self.key_len)
+      raise TaskError(f"{self.name}.num_needles={self.num_needles}: "
+                      "must be at least 1")
+    cap = capacity(len(space.keys), self.key_len)
     if self.num_needles > cap:
-      raise base.TaskError(f"{self.name}.num_needles={self.num_needles}: only "
-                           f"{cap} distinct keys")
+      raise TaskError(f"{self.name}.num_needles={self.num_needles}: only "
+                      f"{cap} distinct keys")
     w = self.key_len + self.value_len
     n_fill = length - 1 - self.num_needles * (1 + w) - (1 + w)
     if n_fill < 0:
-      raise base.TaskError(f"{self.name}: length {length} is too short for "
-                           f"{self.num_needles} needle(s) and the query "
-                           f"(at least {length - n_fill})")
+      raise TaskError(f"{self.name}: length {length} is too short for "
+                      f"{self.num_needles} needle(s) and the query "
+                      f"(at least {length - n_fill})")
     depth = (float(self.depth) if self.depth is not None
              else float(rng.choice(DEPTHS)))
-    keys = base.distinct_tuples(rng, space.keys, self.key_len, self.num_needles)
-    values = base.random_tuples(rng, space.values, self.value_len,
-                                self.num_needles)
+    keys = distinct_tuples(rng, space.keys, self.key_len, self.num_needles)
+    values = random_tuples(rng, space.values, self.value_len,
+                           self.num_needles)
     hay = haystack(rng, space, n_fill, filler)
     cuts = np.concatenate([[int(round(depth * n_fill))],
                            rng.integers(0, n_fill + 1, self.num_needles - 1)])
     order = np.argsort(cuts, kind="stable")
 
-    b = base.Builder().add(space.bos)
+    b = Builder().add(space.bos)
     prev = 0
     needle_pos = -1
     for i in order:
@@ -91,26 +95,26 @@ class NIAH(base.Task):
     out = []
     state = None  # "needle" or "query" after its marker
     key = None
-    for run in base.runs(tokens, space):
+    for run in runs(tokens, space):
       if run.kind == MARKER:
         t = tokens[run.start]
         state = ("needle" if t == space.needle
                  else "query" if t == space.query else None)
         key = None
       elif run.kind == KEY and state is not None:
-        key = base.key_of(tokens, run)
+        key = key_of(tokens, run)
         if state == "query":
           out.append((run.stop, np.asarray(needles[key], np.int32)))
           state = None
       elif run.kind == VALUE and state == "needle" and key is not None:
-        needles[key] = base.key_of(tokens, run)
+        needles[key] = key_of(tokens, run)
         state = None
       else:
         state = None
     return out
 
 
-def haystack(rng: np.random.Generator, space: base.TokenSpace, n: int,
+def haystack(rng: np.random.Generator, space: TokenSpace, n: int,
              filler: np.ndarray | None) -> np.ndarray:
   """`n` filler tokens: a window of `filler` at a random offset (wrapping
   around), reserved and excluded ids removed; uniform free ids without it."""
@@ -118,7 +122,7 @@ def haystack(rng: np.random.Generator, space: base.TokenSpace, n: int,
     return rng.choice(space.free, size=n).astype(np.int32)
   filler = np.asarray(filler)
   if filler.ndim != 1 or len(filler) == 0:
-    raise base.TaskError("niah filler: expected a non-empty 1-D array of ids")
+    raise TaskError("niah filler: expected a non-empty 1-D array of ids")
   if n == 0:
     return np.zeros((0,), np.int32)
   start = int(rng.integers(len(filler)))
@@ -127,12 +131,12 @@ def haystack(rng: np.random.Generator, space: base.TokenSpace, n: int,
     window = filler[(start + np.arange(want)) % len(filler)]
     ok = (window >= 0) & (window < space.vocab_size)
     window = window[ok]
-    window = window[space.kind[window] == base.FREE]
+    window = window[space.kind[window] == FREE]
     if space.exclude:
       window = window[~np.isin(window, space.exclude)]
     if len(window) >= n:
       return window[:n].astype(np.int32)
     if want > 64 * (n + len(filler)):
-      raise base.TaskError("niah filler: it has (almost) no tokens outside the "
-                           "reserved task ids")
+      raise TaskError("niah filler: it has (almost) no tokens outside the "
+                      "reserved task ids")
     want *= 2

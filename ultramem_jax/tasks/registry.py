@@ -7,11 +7,12 @@ import math
 from typing import Any, Mapping
 
 from ultramem_jax.config import ConfigError
-from ultramem_jax.tasks.base import Task, TaskError
+from ultramem_jax.tasks.base import Task
 from ultramem_jax.tasks.fact_retrieval import FactRetrieval
 from ultramem_jax.tasks.mqar import MQAR
 from ultramem_jax.tasks.mqar_overwrite import MQAROverwrite
 from ultramem_jax.tasks.niah import NIAH
+from ultramem_jax.tasks.space import TaskError
 from ultramem_jax.tasks.token_mapping import TokenMapping
 
 TASKS: dict[str, type[Task]] = {

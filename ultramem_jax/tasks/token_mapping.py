@@ -18,12 +18,16 @@ import dataclasses
 
 import numpy as np
 
-from ultramem_jax.tasks import base
-from ultramem_jax.tasks.base import KEY, MARKER, VALUE, Size
+from ultramem_jax.tasks.base import Task
+from ultramem_jax.tasks.instance import Builder
+from ultramem_jax.tasks.parsing import key_of, runs
+from ultramem_jax.tasks.sampling import (
+    Size, capacity, distinct_tuples, pick_size, random_tuples)
+from ultramem_jax.tasks.space import KEY, MARKER, VALUE, TaskError
 
 
 @dataclasses.dataclass(frozen=True)
-class TokenMapping(base.Task):
+class TokenMapping(Task):
   """In-context mapping.
 
   Attributes:
@@ -43,23 +47,23 @@ class TokenMapping(base.Task):
 
   def generate(self, rng, space, length, *, split="train", filler=None):
     w = self.key_len + 1 + self.value_len
-    domain = min(self.domain, base.capacity(len(space.keys), self.key_len))
+    domain = min(self.domain, capacity(len(space.keys), self.key_len))
     if domain < 1:
-      raise base.TaskError(f"{self.name}.domain={self.domain}: must be >= 1")
+      raise TaskError(f"{self.name}.domain={self.domain}: must be >= 1")
     if self.num_queries is None:
       n_max = (length - 2) // (2 * w)
     else:
       q_min = (self.num_queries if isinstance(self.num_queries, int)
                else self.num_queries[0])
       n_max = (length - 2 - q_min * w) // w
-    n = base.pick_size(self.n_demos, n_max, rng, f"{self.name}.n_demos")
+    n = pick_size(self.n_demos, n_max, rng, f"{self.name}.n_demos")
     if self.num_queries is None:
       q = n
     else:
-      q = base.pick_size(self.num_queries, (length - 2 - n * w) // w, rng,
-                         f"{self.name}.num_queries")
-    xs = base.distinct_tuples(rng, space.keys, self.key_len, domain)
-    ys = base.random_tuples(rng, space.values, self.value_len, domain)
+      q = pick_size(self.num_queries, (length - 2 - n * w) // w, rng,
+                    f"{self.name}.num_queries")
+    xs = distinct_tuples(rng, space.keys, self.key_len, domain)
+    ys = random_tuples(rng, space.values, self.value_len, domain)
     demos = rng.integers(0, domain, size=n)
     counts = np.bincount(demos, minlength=domain)
     shown = np.flatnonzero(counts)
@@ -67,7 +71,7 @@ class TokenMapping(base.Task):
 
     arrow = np.full((domain, 1), space.arrow, np.int32)
     prompts = np.concatenate([xs, arrow], axis=1)
-    b = base.Builder().add(space.bos)
+    b = Builder().add(space.bos)
     b.add(np.concatenate([prompts[demos], ys[demos]], axis=1).ravel())
     b.add(space.query)
     b.items(prompts[asked], ys[asked], shown=counts[asked])
@@ -81,7 +85,7 @@ class TokenMapping(base.Task):
     querying = False
     x = None
     arrow = False
-    for run in base.runs(tokens, space):
+    for run in runs(tokens, space):
       if run.kind == MARKER:
         t = tokens[run.start]
         if t == space.query:
@@ -92,10 +96,10 @@ class TokenMapping(base.Task):
         if not arrow:
           x = None
       elif run.kind == KEY:
-        x = base.key_of(tokens, run)
+        x = key_of(tokens, run)
         arrow = False
       elif run.kind == VALUE and arrow and not querying:
-        mapping[x] = base.key_of(tokens, run)
+        mapping[x] = key_of(tokens, run)
         x, arrow = None, False
       else:
         x, arrow = None, False
