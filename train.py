@@ -18,7 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ultramem_jax.config import ConfigError, load_config
+from ultramem_jax.config import ConfigError
+from ultramem_jax.training.config import load_config
 from ultramem_jax.data.corpora import DataError
 
 

@@ -8,9 +8,11 @@ import pathlib
 import pytest
 import yaml
 
-from ultramem_jax.config import (Config, ConfigError, FFNConfig, MeshConfig, ModelConfig, OptimizerConfig,
-                                 ParamGroupConfig, TrainConfig, load_config, save_config, validate)
-from ultramem_jax.parallel.mesh import mesh_shape
+from ultramem_jax.config import ConfigError
+from ultramem_jax.model.config import FFNConfig, ModelConfig
+from ultramem_jax.training.config import (Config, OptimizerConfig, ParamGroupConfig, TrainConfig, load_config,
+                                          save_config, validate)
+from ultramem_jax.parallel.mesh import MeshConfig, mesh_shape
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny_dense.yaml"
@@ -322,7 +324,8 @@ def test_missing_default_param_group_is_refused():
   # Files and overrides merge onto the built-in groups, so only a Config
   # built in code can lack 'default'.
   cfg = load_config(TINY)
-  cfg.optimizer.param_groups = {"no_decay": ParamGroupConfig(weight_decay=False)}
+  cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(
+      cfg.optimizer, param_groups={"no_decay": ParamGroupConfig(weight_decay=False)}))
   with pytest.raises(ConfigError, match="optimizer.param_groups.*'default'"):
     validate(cfg)
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ultramem_jax.config import load_config
+from ultramem_jax.training.config import load_config
 from ultramem_jax.inspect import inspect_config
 
 

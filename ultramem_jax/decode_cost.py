@@ -25,6 +25,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax.numpy as jnp
+
+from ultramem_jax.memory_geometry import memory_geometry
+from ultramem_jax.model.common import dtype_of
+
 
 @dataclasses.dataclass(frozen=True)
 class Param:
@@ -56,7 +61,6 @@ def decode_step_bytes(cfg, params: list[Param], batch: int) -> dict:
   mem = m.memory
   readers = {}   # table path prefix -> memory layers reading it
   if mem.enabled:
-    from ultramem_jax.memory_geometry import memory_geometry  # noqa: PLC0415
     placement = memory_geometry(m).placement
     if mem.share_values:
       readers["memory_table"] = len(placement)
@@ -84,8 +88,6 @@ def decode_step_bytes(cfg, params: list[Param], batch: int) -> dict:
     else:
       out["dense"] += p.size * p.itemsize
   total = sum(out.values())
-  import jax.numpy as jnp  # noqa: PLC0415
-  from ultramem_jax.model.common import dtype_of  # noqa: PLC0415
   cache_item = jnp.dtype(dtype_of(m.dtype)).itemsize
   kv = 2 * m.n_layers * batch * cfg.data.seq_len * m.kv_heads * m.attn_head_dim
   return {"batch": batch, "param_bytes": total,

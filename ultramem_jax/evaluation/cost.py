@@ -54,7 +54,7 @@ def xla_decode_cost(cfg, batch: int) -> dict:
   import jax.numpy as jnp  # noqa: PLC0415
   from flax import nnx  # noqa: PLC0415
 
-  from ultramem_jax.inspect import resolved_vocab  # noqa: PLC0415
+  from ultramem_jax.model.abstract import resolved_vocab  # noqa: PLC0415
   from ultramem_jax.model.kv_cache import KVCache  # noqa: PLC0415
   from ultramem_jax.model.transformer import Transformer  # noqa: PLC0415
   from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh  # noqa: PLC0415
@@ -81,7 +81,8 @@ def xla_decode_cost(cfg, batch: int) -> dict:
 
 def cost_table(cfg, batches: tuple[int, ...], xla: bool = True) -> list[dict]:
   from ultramem_jax.decode_cost import decode_report  # noqa: PLC0415
-  from ultramem_jax.inspect import abstract_model, decode_params, inspect_config  # noqa: PLC0415
+  from ultramem_jax.inspect import decode_params, inspect_config  # noqa: PLC0415
+  from ultramem_jax.model.abstract import abstract_model  # noqa: PLC0415
 
   counts = inspect_config(cfg, 1, batches)
   rows = []
@@ -126,7 +127,8 @@ def markdown(results: dict[str, list[dict]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-  from ultramem_jax.config import ConfigError, load_config  # noqa: PLC0415
+  from ultramem_jax.config import ConfigError  # noqa: PLC0415
+  from ultramem_jax.training.config import load_config  # noqa: PLC0415
 
   parts = args.batch.split(",")
   if not all(p.isdigit() and int(p) > 0 for p in parts):

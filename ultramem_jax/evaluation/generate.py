@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ultramem_jax.config import ConfigError, ModelConfig
+from ultramem_jax.config import ConfigError
+from ultramem_jax.model.config import ModelConfig
 from ultramem_jax.evaluation.sampling import sample, step_keys
 from ultramem_jax.model.kv_cache import KVCache
 

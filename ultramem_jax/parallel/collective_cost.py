@@ -97,6 +97,7 @@ import dataclasses
 import math
 from typing import Iterable, Sequence
 
+from ultramem_jax.memory_geometry import memory_geometry
 from ultramem_jax.parallel.rules import BATCH_AXES, RULES, batch_shards
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float64": 8}
@@ -367,8 +368,6 @@ def _group_layers(entries: list[tuple[int | str, str, list[Op]]]) -> list[dict]:
 def collective_report(cfg, sizes: dict[str, int], params: Iterable[ParamInfo]) -> dict:
   """The ``collectives`` section of ``inspect`` for a ``Config`` and the
   resolved mesh `sizes` (axis -> devices)."""
-  from ultramem_jax.memory_geometry import memory_geometry  # noqa: PLC0415
-
   m_cfg, mem = cfg.model, cfg.model.memory
   b = DTYPE_BYTES[m_cfg.dtype]
   d = m_cfg.d_model
