@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import pathlib
 
 import pytest
 import yaml
 
-from ultramem_jax.config import ConfigError
+from ultramem_jax.config import ConfigError, apply_overrides
 from ultramem_jax.model.config import FFNConfig, ModelConfig
-from ultramem_jax.training.config import (Config, OptimizerConfig, ParamGroupConfig, TrainConfig, load_config,
-                                          save_config, validate)
+from ultramem_jax.training.config import (Config, OptimizerConfig, ParamGroupConfig, TrainConfig, from_dict,
+                                          load_config, save_config, validate)
 from ultramem_jax.parallel.mesh import MeshConfig, mesh_shape
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -339,6 +340,88 @@ def test_valid_edge_values_are_accepted():
   # head_dim given explicitly: n_heads need not divide d_model
   cfg = load_config(TINY, ["model.n_heads=3", "model.head_dim=32"])
   assert cfg.model.attn_head_dim == 32
+
+
+# ----------------------------------------------------------------------------- no aliasing
+
+MQAR = REPO / "configs" / "tiny_mqar_moe.yaml"
+NESTED = {
+    "model": {"d_model": 64, "ffn": {"kind": "moe", "moe": {"num_experts": 8, "top_k": 2}},
+              "memory": {"layers": ""}},
+    "data": {"tokenizer": "bytes", "seq_len": 32, "tasks": "mqar",
+             "task_params": {"mqar": {"num_pairs": [2, 4]}}},
+    "optimizer": {"param_groups": {"values": {"lr_multiplier": 4.0}}},
+    "train": {"steps": 40},
+}
+OVERRIDES = ["model.ffn.moe.top_k=4", "data.task_params.mqar.num_pairs=[3, 5]",
+             "optimizer.param_groups.values.lr_multiplier=2", "model.memory.n_keys=8",
+             "train.new_section.key=1"]
+
+
+def test_apply_overrides_leaves_its_input_unchanged():
+  data, overrides = copy.deepcopy(NESTED), list(OVERRIDES)
+  out = apply_overrides(data, overrides)
+  assert data == NESTED and overrides == OVERRIDES
+  assert out["model"]["ffn"]["moe"]["top_k"] == 4
+  assert out["data"]["task_params"]["mqar"]["num_pairs"] == [3, 5]
+  assert out["optimizer"]["param_groups"]["values"]["lr_multiplier"] == 2
+  # Nothing of the result is the input's: changing one leaves the other alone.
+  out["data"]["task_params"]["mqar"]["num_pairs"].append(9)
+  out["model"]["ffn"]["moe"]["num_experts"] = 1
+  assert data == NESTED
+
+
+def test_from_dict_leaves_its_input_unchanged_and_shares_nothing_with_it():
+  data = copy.deepcopy(NESTED)
+  cfg = from_dict(data)
+  assert data == NESTED
+  assert cfg.data.task_params == {"mqar": {"num_pairs": [2, 4]}}
+  assert cfg.data.task_params is not data["data"]["task_params"]
+  assert (cfg.data.task_params["mqar"]["num_pairs"]
+          is not data["data"]["task_params"]["mqar"]["num_pairs"])
+  cfg.data.task_params["mqar"]["num_pairs"].append(8)   # plain data inside a frozen section
+  assert data == NESTED
+
+
+def test_load_config_leaves_its_file_and_overrides_unchanged(tmp_path):
+  path = _write(tmp_path / "child.yaml", f"base: {MQAR}\nmodel:\n  d_model: 64\n")
+  text, base_text = path.read_text(), MQAR.read_text()
+  overrides = list(OVERRIDES[:4])
+  a = load_config(path, overrides)
+  assert overrides == OVERRIDES[:4]
+  assert path.read_text() == text and MQAR.read_text() == base_text
+  b = load_config(path, overrides)
+  assert a == b and a.data.task_params["mqar"]["num_pairs"] == [3, 5]
+
+
+def test_building_twice_gives_equal_independent_configs():
+  a, b = from_dict(NESTED), from_dict(NESTED)
+  assert a == b and a is not b
+  for get in (lambda c: c.model, lambda c: c.model.ffn.moe, lambda c: c.model.memory,
+              lambda c: c.data, lambda c: c.data.task_params,
+              lambda c: c.data.task_params["mqar"]["num_pairs"],
+              lambda c: c.optimizer.param_groups, lambda c: c.optimizer.param_groups["values"],
+              lambda c: c.train, lambda c: c.mesh):
+    assert get(a) == get(b) and get(a) is not get(b)
+  a.data.task_params["mqar"]["num_pairs"].append(8)
+  assert b == from_dict(NESTED) and a != b
+
+
+@pytest.mark.parametrize("section", ["model", "model.ffn", "model.ffn.moe", "model.memory", "data",
+                                     "optimizer", "train", "mesh"])
+def test_configs_are_frozen_once_built(section):
+  cfg = load_config(TINY)
+  node = cfg
+  for part in section.split("."):
+    node = getattr(node, part)
+  name = dataclasses.fields(node)[0].name
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    setattr(node, name, getattr(node, name))
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    cfg.model = cfg.model
+  assert isinstance(cfg.optimizer.param_groups["default"], ParamGroupConfig)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    cfg.optimizer.param_groups["default"].lr_multiplier = 2.0
 
 
 # ----------------------------------------------------------------------------- save / load
