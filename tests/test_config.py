@@ -13,7 +13,8 @@ from ultramem_jax.config import ConfigError, apply_overrides
 from ultramem_jax.model.config import FFNConfig, ModelConfig
 from ultramem_jax.training.config import (Config, OptimizerConfig, ParamGroupConfig, TrainConfig, from_dict,
                                           load_config, save_config, validate)
-from ultramem_jax.parallel.mesh import MeshConfig, mesh_shape
+from ultramem_jax.model.abstract import abstract_model
+from ultramem_jax.parallel.mesh import MeshConfig, check_mesh, mesh_shape
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny_dense.yaml"
@@ -482,3 +483,20 @@ def test_mesh_minus_one_that_cannot_be_filled():
   assert message.startswith("mesh.data:") and "3" in message and "8" in message
   with pytest.raises(ConfigError, match=r"^mesh\.expert:"):
     mesh_shape(MeshConfig(data=4, expert=-1), 2)
+
+
+def test_check_mesh_is_the_one_check_of_a_mesh_against_a_config():
+  cfg = load_config(TINY, ["mesh.memory=3", "data.batch_size=30"])
+  model = abstract_model(cfg)
+  assert check_mesh(cfg, model, 6) == {"data": 2, "fsdp": 1, "tensor": 1, "expert": 1,
+                                       "memory": 3}
+  with pytest.raises(ConfigError, match=r"^mesh\.data: -1 cannot be filled"):
+    check_mesh(cfg, model, 8)
+  cfg = load_config(TINY, ["mesh.memory=4"])
+  with pytest.raises(ConfigError, match=r"data.batch_size: got 32; must be divisible by "
+                     r"mesh.data \* mesh.fsdp \* mesh.expert \* mesh.memory = 64"):
+    check_mesh(cfg, model, 64)
+  assert check_mesh(cfg, model, 64, batch=False)["data"] == 16   # inspect counts, no batch
+  cfg = load_config(TINY, ["mesh.data=1", "mesh.tensor=8"])
+  with pytest.raises(ConfigError, match=r"mesh.tensor: 8 shards do not divide"):
+    check_mesh(cfg, abstract_model(cfg), 8)
