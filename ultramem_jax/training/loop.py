@@ -27,8 +27,8 @@ from ultramem_jax.data.corpora import DataError
 from ultramem_jax.data.pipeline import prepare_data, train_dataset
 from ultramem_jax.data.tokenizer import FILENAME as TOKENIZER_FILE
 from ultramem_jax.data.tokenizer import load_tokenizer
-from ultramem_jax.parallel.distributed import barrier, batch_shard, processes_differing
 from ultramem_jax.model.abstract import abstract_model
+from ultramem_jax.parallel.distributed import barrier, batch_shard, processes_differing
 from ultramem_jax.parallel.mesh import batch_sharding, check_mesh, make_mesh, use_mesh
 from ultramem_jax.training.checkpoint import Checkpointer, abstract_like
 from ultramem_jax.training.guards import check_writable
