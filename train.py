@@ -18,7 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ultramem_jax.config import ConfigError, load_config
+from ultramem_jax.config import ConfigError
+from ultramem_jax.training.config import load_config
 from ultramem_jax.data.corpora import DataError
 
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     cfg = load_config(args.config, args.overrides)
-    # JAX is imported only after the config checks.
+    # The distributed runtime starts only after the config checks.
     from ultramem_jax.parallel import distributed  # noqa: PLC0415
     launch = distributed.Launch(args.distributed, args.coordinator,
                                 args.num_processes, args.process_id)

@@ -14,9 +14,9 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from ultramem_jax.config import MeshConfig, load_config
+from ultramem_jax.training.config import load_config
 from ultramem_jax.data.pipeline import train_dataset
-from ultramem_jax.parallel.mesh import make_mesh, single_device_mesh, use_mesh
+from ultramem_jax.parallel.mesh import MeshConfig, make_mesh, single_device_mesh, use_mesh
 from ultramem_jax.parallel.rules import logical_to_mesh
 from ultramem_jax.training.checkpoint import Checkpointer
 from ultramem_jax.training.loop import latest_checkpoint_step, train

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import pathlib
 
 import pytest
 import yaml
 
-from ultramem_jax.config import (Config, ConfigError, FFNConfig, MeshConfig, ModelConfig, OptimizerConfig,
-                                 ParamGroupConfig, TrainConfig, load_config, save_config, validate)
-from ultramem_jax.parallel.mesh import mesh_shape
+from ultramem_jax.config import ConfigError, apply_overrides
+from ultramem_jax.model.config import FFNConfig, ModelConfig
+from ultramem_jax.training.config import (Config, OptimizerConfig, ParamGroupConfig, TrainConfig, from_dict,
+                                          load_config, save_config, validate)
+from ultramem_jax.model.abstract import abstract_model
+from ultramem_jax.parallel.mesh import MeshConfig, check_mesh, mesh_shape
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny_dense.yaml"
@@ -322,7 +326,8 @@ def test_missing_default_param_group_is_refused():
   # Files and overrides merge onto the built-in groups, so only a Config
   # built in code can lack 'default'.
   cfg = load_config(TINY)
-  cfg.optimizer.param_groups = {"no_decay": ParamGroupConfig(weight_decay=False)}
+  cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(
+      cfg.optimizer, param_groups={"no_decay": ParamGroupConfig(weight_decay=False)}))
   with pytest.raises(ConfigError, match="optimizer.param_groups.*'default'"):
     validate(cfg)
 
@@ -336,6 +341,88 @@ def test_valid_edge_values_are_accepted():
   # head_dim given explicitly: n_heads need not divide d_model
   cfg = load_config(TINY, ["model.n_heads=3", "model.head_dim=32"])
   assert cfg.model.attn_head_dim == 32
+
+
+# ----------------------------------------------------------------------------- no aliasing
+
+MQAR = REPO / "configs" / "tiny_mqar_moe.yaml"
+NESTED = {
+    "model": {"d_model": 64, "ffn": {"kind": "moe", "moe": {"num_experts": 8, "top_k": 2}},
+              "memory": {"layers": ""}},
+    "data": {"tokenizer": "bytes", "seq_len": 32, "tasks": "mqar",
+             "task_params": {"mqar": {"num_pairs": [2, 4]}}},
+    "optimizer": {"param_groups": {"values": {"lr_multiplier": 4.0}}},
+    "train": {"steps": 40},
+}
+OVERRIDES = ["model.ffn.moe.top_k=4", "data.task_params.mqar.num_pairs=[3, 5]",
+             "optimizer.param_groups.values.lr_multiplier=2", "model.memory.n_keys=8",
+             "train.new_section.key=1"]
+
+
+def test_apply_overrides_leaves_its_input_unchanged():
+  data, overrides = copy.deepcopy(NESTED), list(OVERRIDES)
+  out = apply_overrides(data, overrides)
+  assert data == NESTED and overrides == OVERRIDES
+  assert out["model"]["ffn"]["moe"]["top_k"] == 4
+  assert out["data"]["task_params"]["mqar"]["num_pairs"] == [3, 5]
+  assert out["optimizer"]["param_groups"]["values"]["lr_multiplier"] == 2
+  # Nothing of the result is the input's: changing one leaves the other alone.
+  out["data"]["task_params"]["mqar"]["num_pairs"].append(9)
+  out["model"]["ffn"]["moe"]["num_experts"] = 1
+  assert data == NESTED
+
+
+def test_from_dict_leaves_its_input_unchanged_and_shares_nothing_with_it():
+  data = copy.deepcopy(NESTED)
+  cfg = from_dict(data)
+  assert data == NESTED
+  assert cfg.data.task_params == {"mqar": {"num_pairs": [2, 4]}}
+  assert cfg.data.task_params is not data["data"]["task_params"]
+  assert (cfg.data.task_params["mqar"]["num_pairs"]
+          is not data["data"]["task_params"]["mqar"]["num_pairs"])
+  cfg.data.task_params["mqar"]["num_pairs"].append(8)   # plain data inside a frozen section
+  assert data == NESTED
+
+
+def test_load_config_leaves_its_file_and_overrides_unchanged(tmp_path):
+  path = _write(tmp_path / "child.yaml", f"base: {MQAR}\nmodel:\n  d_model: 64\n")
+  text, base_text = path.read_text(), MQAR.read_text()
+  overrides = list(OVERRIDES[:4])
+  a = load_config(path, overrides)
+  assert overrides == OVERRIDES[:4]
+  assert path.read_text() == text and MQAR.read_text() == base_text
+  b = load_config(path, overrides)
+  assert a == b and a.data.task_params["mqar"]["num_pairs"] == [3, 5]
+
+
+def test_building_twice_gives_equal_independent_configs():
+  a, b = from_dict(NESTED), from_dict(NESTED)
+  assert a == b and a is not b
+  for get in (lambda c: c.model, lambda c: c.model.ffn.moe, lambda c: c.model.memory,
+              lambda c: c.data, lambda c: c.data.task_params,
+              lambda c: c.data.task_params["mqar"]["num_pairs"],
+              lambda c: c.optimizer.param_groups, lambda c: c.optimizer.param_groups["values"],
+              lambda c: c.train, lambda c: c.mesh):
+    assert get(a) == get(b) and get(a) is not get(b)
+  a.data.task_params["mqar"]["num_pairs"].append(8)
+  assert b == from_dict(NESTED) and a != b
+
+
+@pytest.mark.parametrize("section", ["model", "model.ffn", "model.ffn.moe", "model.memory", "data",
+                                     "optimizer", "train", "mesh"])
+def test_configs_are_frozen_once_built(section):
+  cfg = load_config(TINY)
+  node = cfg
+  for part in section.split("."):
+    node = getattr(node, part)
+  name = dataclasses.fields(node)[0].name
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    setattr(node, name, getattr(node, name))
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    cfg.model = cfg.model
+  assert isinstance(cfg.optimizer.param_groups["default"], ParamGroupConfig)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    cfg.optimizer.param_groups["default"].lr_multiplier = 2.0
 
 
 # ----------------------------------------------------------------------------- save / load
@@ -396,3 +483,20 @@ def test_mesh_minus_one_that_cannot_be_filled():
   assert message.startswith("mesh.data:") and "3" in message and "8" in message
   with pytest.raises(ConfigError, match=r"^mesh\.expert:"):
     mesh_shape(MeshConfig(data=4, expert=-1), 2)
+
+
+def test_check_mesh_is_the_one_check_of_a_mesh_against_a_config():
+  cfg = load_config(TINY, ["mesh.memory=3", "data.batch_size=30"])
+  model = abstract_model(cfg)
+  assert check_mesh(cfg, model, 6) == {"data": 2, "fsdp": 1, "tensor": 1, "expert": 1,
+                                       "memory": 3}
+  with pytest.raises(ConfigError, match=r"^mesh\.data: -1 cannot be filled"):
+    check_mesh(cfg, model, 8)
+  cfg = load_config(TINY, ["mesh.memory=4"])
+  with pytest.raises(ConfigError, match=r"data.batch_size: got 32; must be divisible by "
+                     r"mesh.data \* mesh.fsdp \* mesh.expert \* mesh.memory = 64"):
+    check_mesh(cfg, model, 64)
+  assert check_mesh(cfg, model, 64, batch=False)["data"] == 16   # inspect counts, no batch
+  cfg = load_config(TINY, ["mesh.data=1", "mesh.tensor=8"])
+  with pytest.raises(ConfigError, match=r"mesh.tensor: 8 shards do not divide"):
+    check_mesh(cfg, abstract_model(cfg), 8)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ultramem_jax.config import DataConfig
+from ultramem_jax.data.config import DataConfig
 from ultramem_jax.data.corpora import DataError, load_documents
 from ultramem_jax.data.packing import pack_documents, split_documents, unigram_entropy
 from ultramem_jax.data.pipeline import eval_batches, prepare_data, train_dataset

@@ -13,14 +13,14 @@ import pytest
 from flax import nnx
 
 from conftest import make_documents
-from ultramem_jax.config import MeshConfig, load_config
+from ultramem_jax.training.config import load_config
 from ultramem_jax.data.corpora import DataError
 from ultramem_jax.data.pipeline import prepare_data
 from ultramem_jax.data.tokenizer import ByteTokenizer
 from ultramem_jax.evaluation import positions as pos
 from ultramem_jax.evaluation.loss import load_corpus, packed_rows
 from ultramem_jax.evaluation.plots import line_plot
-from ultramem_jax.parallel.mesh import batch_sharding, make_mesh, use_mesh
+from ultramem_jax.parallel.mesh import MeshConfig, batch_sharding, make_mesh, use_mesh
 from ultramem_jax.training.loop import train
 from ultramem_jax.training.state import create_state
 

@@ -17,12 +17,13 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from test_sharding import MESHES, close, collectives, run
-from ultramem_jax.config import ConfigError, MeshConfig, load_config
+from ultramem_jax.config import ConfigError
+from ultramem_jax.training.config import load_config
 from ultramem_jax.model.moe import MoE
 from ultramem_jax.parallel import expert_sharding as ES
-from ultramem_jax.parallel.mesh import make_mesh, single_device_mesh, use_mesh
+from ultramem_jax.model.abstract import abstract_model
+from ultramem_jax.parallel.mesh import MeshConfig, check_layout, make_mesh, single_device_mesh, use_mesh
 from ultramem_jax.parallel.rules import logical_to_mesh
-from ultramem_jax.training.guards import check_mesh_divides
 
 E, D, F = 8, 32, 16   # experts, d_model, expert width: (8, 32, 16) is a weight
 
@@ -158,5 +159,5 @@ def test_tokens_not_dividing_the_mesh(tmp_path):
 def test_capacity_routing_refuses_expert_parallelism(tmp_path):
   cfg = config(tmp_path, "model.ffn.moe.capacity_factor=1.25")
   with pytest.raises(ConfigError, match="mesh.expert: 4 devices need dropless"):
-    check_mesh_divides(cfg, {"data": 2, "fsdp": 1, "tensor": 1, "expert": 4,
-                             "memory": 1})
+    check_layout(cfg.model, {"data": 2, "fsdp": 1, "tensor": 1, "expert": 4,
+                             "memory": 1}, abstract_model(cfg))

@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ultramem_jax.config import load_config
+from ultramem_jax.training.config import load_config
 from ultramem_jax.evaluation import sampling
 from ultramem_jax.evaluation.generate import TRACES, Sampler
-from ultramem_jax.model import build_model
+from ultramem_jax.model.transformer import build_model
 from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh
 from ultramem_jax.training.loop import train
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from ultramem_jax.config import load_config
+from ultramem_jax.training.config import load_config
 from ultramem_jax.inspect import inspect_config
 
 

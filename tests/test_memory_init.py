@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ultramem_jax.config import from_dict, to_dict
+from ultramem_jax.config import to_dict
+from ultramem_jax.training.config import from_dict
 from ultramem_jax.model.ffn import SwiGLU
-from ultramem_jax.model.memory import MemoryLayer, calibrate_memory
+from ultramem_jax.model.memory.init import calibrate_memory
+from ultramem_jax.model.memory.layer import MemoryLayer
 from ultramem_jax.model.memory.init import top1_scores
 from ultramem_jax.model.memory.layer import initial_value_std
 from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh

@@ -13,9 +13,10 @@ import pytest
 from flax import nnx
 
 from memory_reference import reference_memory
-from ultramem_jax.config import ConfigError, from_dict, to_dict
+from ultramem_jax.config import ConfigError, to_dict
+from ultramem_jax.training.config import from_dict
 from ultramem_jax.memory_geometry import memory_geometry
-from ultramem_jax.model.memory import MemoryLayer, MemoryTable
+from ultramem_jax.model.memory.layer import MemoryLayer, MemoryTable
 from ultramem_jax.model.memory import retrieval as R
 from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ultramem_jax.config import load_config
+from ultramem_jax.training.config import load_config
 from ultramem_jax.data.pipeline import train_dataset
-from ultramem_jax.model import build_model
-from ultramem_jax.model.memory import MemoryLayer, memory_layers
+from ultramem_jax.model.transformer import build_model
+from ultramem_jax.model.memory.layer import MemoryLayer, memory_layers
 from ultramem_jax.model.memory import retrieval as R
 from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh
 from ultramem_jax.training.checkpoint import Checkpointer, abstract_like

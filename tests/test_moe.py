@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ultramem_jax.config import FFNConfig, ModelConfig, MoEConfig
-from ultramem_jax.model import Transformer, build_model
+from ultramem_jax.model.config import FFNConfig, ModelConfig, MoEConfig
+from ultramem_jax.model.transformer import Transformer, build_model
 from ultramem_jax.model.common import AuxLoss, LayerMetric
 from ultramem_jax.model.ffn import build_ffn
 from ultramem_jax.model.moe import MoE, load_balance_loss

@@ -24,7 +24,8 @@ import time
 import numpy as np
 import pytest
 
-from ultramem_jax.config import ConfigError, load_config
+from ultramem_jax.config import ConfigError
+from ultramem_jax.training.config import load_config
 from ultramem_jax.data.pipeline import eval_batches
 from ultramem_jax.training.loop import latest_checkpoint_step, train
 

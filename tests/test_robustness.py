@@ -16,7 +16,8 @@ import time
 import numpy as np
 import pytest
 
-from ultramem_jax.config import ConfigError, load_config
+from ultramem_jax.config import ConfigError
+from ultramem_jax.training.config import load_config
 from ultramem_jax.data.pipeline import prepare_data
 from ultramem_jax.training.checkpoint import CheckpointMismatch
 from ultramem_jax.training.health import Diverged, HealthMonitor

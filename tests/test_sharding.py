@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ultramem_jax.config import ConfigError, MeshConfig, load_config
-from ultramem_jax.parallel.mesh import (batch_sharding, make_mesh,
+from ultramem_jax.config import ConfigError
+from ultramem_jax.training.config import load_config
+from ultramem_jax.model.abstract import abstract_model
+from ultramem_jax.parallel.mesh import (MeshConfig, batch_sharding, check_layout, make_mesh,
                                         single_device_mesh, use_mesh)
 from ultramem_jax.parallel.rules import logical_to_mesh
-from ultramem_jax.training.guards import check_mesh_divides
 from ultramem_jax.training.state import create_state
 from ultramem_jax.training.step import loss_fn, make_train_step
 
@@ -185,5 +186,5 @@ def test_column_sharding_needs_whole_cores(tmp_path):
   cfg = load_config("configs/tiny_ultramem_v2.yaml", [
       "model.memory.tucker_cores=2", f"train.run_dir={tmp_path / 'run'}"])
   with pytest.raises(ConfigError, match="tucker_cores=2 must divide"):
-    check_mesh_divides(cfg, {"data": 1, "fsdp": 1, "tensor": 1, "expert": 1,
-                             "memory": 3})
+    check_layout(cfg.model, {"data": 1, "fsdp": 1, "tensor": 1, "expert": 1,
+                             "memory": 3}, abstract_model(cfg))

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ultramem_jax.config import ConfigError, load_config
+from ultramem_jax.config import ConfigError
+from ultramem_jax.training.config import load_config
 from ultramem_jax.data import task_data
 from ultramem_jax.data.pipeline import prepare_data
 from ultramem_jax.data.tokenizer import ByteTokenizer

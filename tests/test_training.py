@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ultramem_jax.config import ConfigError, OptimizerConfig, ParamGroupConfig, load_config
+from ultramem_jax.config import ConfigError
+from ultramem_jax.training.config import OptimizerConfig, ParamGroupConfig, load_config
 from ultramem_jax.data.pipeline import train_dataset
 from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh
 from ultramem_jax.training.checkpoint import Checkpointer, abstract_like

@@ -40,7 +40,6 @@ defaults to their product. The conventions:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import sys
@@ -48,13 +47,14 @@ import sys
 import jax
 from flax import nnx
 
-from ultramem_jax.config import Config, ConfigError, load_config
+from ultramem_jax.config import ConfigError
+from ultramem_jax.training.config import Config, load_config
 from ultramem_jax.decode_cost import Param, decode_report
 from ultramem_jax.memory_geometry import memory_geometry
+from ultramem_jax.model.abstract import abstract_model, resolved_vocab
 from ultramem_jax.model.transformer import Transformer
 from ultramem_jax.parallel import collective_cost as CC
-from ultramem_jax.parallel.mesh import mesh_shape, single_device_mesh, use_mesh
-from ultramem_jax.training.guards import check_mesh_divides
+from ultramem_jax.parallel.mesh import check_mesh
 
 
 def _count(tree) -> int:
@@ -63,35 +63,6 @@ def _count(tree) -> int:
 
 def _matrix_count(tree) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(tree) if len(x.shape) >= 2)
-
-
-def resolved_vocab(cfg: Config) -> int:
-  """model.vocab_size, or the size the configured tokenizer will have."""
-  if cfg.model.vocab_size:
-    return cfg.model.vocab_size
-  return cfg.data.bpe_vocab_size if cfg.data.tokenizer == "bpe" else 257
-
-
-def abstract_model(cfg: Config) -> Transformer:
-  model_cfg = dataclasses.replace(cfg.model, vocab_size=resolved_vocab(cfg))
-  with use_mesh(single_device_mesh()):
-    return nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
-
-
-def mesh_sizes(cfg: Config, devices: int | None = None) -> dict[str, int]:
-  """Axis sizes of the config's mesh over `devices` (default: the devices
-  JAX sees when an axis is -1, else the product of the sizes given)."""
-  sizes = [getattr(cfg.mesh, a) for a in cfg.mesh.axis_names]
-  given = devices is not None
-  if not given:
-    devices = jax.device_count() if -1 in sizes else math.prod(sizes)
-  try:
-    return dict(zip(cfg.mesh.axis_names, mesh_shape(cfg.mesh, devices)))
-  except ConfigError as e:
-    if given:
-      raise
-    raise ConfigError(f"{e} (JAX sees {devices} here; inspect --devices N "
-                      "sizes the mesh for N devices)") from None
 
 
 def param_infos(model: Transformer) -> list[CC.ParamInfo]:
@@ -112,12 +83,10 @@ def decode_params(model: Transformer) -> list[Param]:
 def inspect_config(cfg: Config, devices: int | None = None,
                    batches: tuple[int, ...] = (1, 8, 64)) -> dict:
   """Counts of `cfg` and its collectives on the mesh over `devices`
-  (see ``mesh_sizes``). Raises ConfigError for a mesh that cannot be built
-  or that does not divide a sharded dimension."""
-  sizes = mesh_sizes(cfg, devices)
+  (see ``parallel/mesh.mesh_sizes``). Raises ConfigError for a mesh that
+  cannot be built or that does not divide a sharded dimension."""
   model = abstract_model(cfg)
-  if any(n > 1 for a, n in sizes.items() if a != "data"):
-    check_mesh_divides(cfg, sizes)   # (data shards no parameter)
+  sizes = check_mesh(cfg, model, devices, batch=False)
   m = cfg.model
   vocab, d = resolved_vocab(cfg), m.d_model
   params = nnx.state(model, nnx.Param)

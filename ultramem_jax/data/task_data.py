@@ -35,7 +35,8 @@ from typing import Iterator
 import grain
 import numpy as np
 
-from ultramem_jax.config import ConfigError, DataConfig
+from ultramem_jax.config import ConfigError
+from ultramem_jax.data.config import DataConfig
 from ultramem_jax.tasks import (
     TaskError, TaskMixture, TaskRows, TaskSource, TokenSpace, collate,
     make_instances, parse_mixture)

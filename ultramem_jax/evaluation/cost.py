@@ -35,13 +35,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ultramem_jax.config import ConfigError, load_config
+from ultramem_jax.config import ConfigError
 from ultramem_jax.decode_cost import decode_report
-from ultramem_jax.inspect import (
-    abstract_model, decode_params, inspect_config, resolved_vocab)
+from ultramem_jax.inspect import decode_params, inspect_config
+from ultramem_jax.model.abstract import abstract_model, resolved_vocab
 from ultramem_jax.model.kv_cache import KVCache
 from ultramem_jax.model.transformer import Transformer
 from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh
+from ultramem_jax.training.config import load_config
 
 
 def add_parser(sub) -> None:

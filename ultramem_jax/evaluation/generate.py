@@ -32,9 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ultramem_jax.config import ConfigError, ModelConfig
+from ultramem_jax.config import ConfigError
 from ultramem_jax.evaluation.restore import restore_run
 from ultramem_jax.evaluation.sampling import sample, step_keys
+from ultramem_jax.model.config import ModelConfig
 from ultramem_jax.model.kv_cache import KVCache
 from ultramem_jax.parallel.mesh import use_mesh
 from ultramem_jax.parallel.tokens import token_shards

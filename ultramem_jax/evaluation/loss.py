@@ -125,7 +125,8 @@ def restore_checkpoint(config: pathlib.Path, checkpoint: pathlib.Path,
   """A RestoredRun from a config file and a checkpoint step directory
   (``.../checkpoints/<step>``). The config's model section must be the one
   the checkpoint was trained with (as saved in the checkpoint)."""
-  from ultramem_jax.config import from_dict, load_config, to_dict  # noqa: PLC0415
+  from ultramem_jax.config import to_dict  # noqa: PLC0415
+  from ultramem_jax.training.config import from_dict, load_config  # noqa: PLC0415
   from ultramem_jax.data.tokenizer import FILENAME, load_tokenizer  # noqa: PLC0415
   from ultramem_jax.evaluation.restore import RestoredRun, restore_state  # noqa: PLC0415
   from ultramem_jax.training.loop import first_difference  # noqa: PLC0415

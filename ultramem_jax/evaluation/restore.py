@@ -8,7 +8,8 @@ from typing import Any
 
 import yaml
 
-from ultramem_jax.config import Config, ConfigError, apply_overrides, from_dict
+from ultramem_jax.config import ConfigError, apply_overrides
+from ultramem_jax.training.config import Config, from_dict
 
 
 @dataclasses.dataclass

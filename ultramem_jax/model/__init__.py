@@ -1,6 +1,4 @@
-"""The decoder-only Transformer and the layers that fill its FFN slot."""
-
-from ultramem_jax.model import moe as _moe  # noqa: F401  registers ffn kind "moe"
-from ultramem_jax.model.transformer import Transformer, build_model
-
-__all__ = ["Transformer", "build_model"]
+"""The decoder-only Transformer (transformer.py) and the layers that fill its
+FFN slot (ffn.py, moe.py, memory/). Import the modules themselves: this file
+imports nothing, so that importing a config (model/config.py) does not build
+the whole model."""

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ultramem_jax.config import ModelConfig
+from ultramem_jax.model.config import ModelConfig
 
 
 def dtype_of(name: str) -> jnp.dtype:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from ultramem_jax.config import ModelConfig
+from ultramem_jax.model.config import ModelConfig
 from ultramem_jax.model.common import dtype_of
 from ultramem_jax.parallel.rules import constrain
 

@@ -20,17 +20,18 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from ultramem_jax.config import Config, ConfigError, fault_steps, save_config, to_dict
+from ultramem_jax.config import ConfigError, to_dict
+from ultramem_jax.training.config import Config, fault_steps, save_config
 from ultramem_jax.data import task_data
 from ultramem_jax.data.corpora import DataError
 from ultramem_jax.data.pipeline import prepare_data, train_dataset
 from ultramem_jax.data.tokenizer import FILENAME as TOKENIZER_FILE
 from ultramem_jax.data.tokenizer import load_tokenizer
+from ultramem_jax.model.abstract import abstract_model
 from ultramem_jax.parallel.distributed import barrier, batch_shard, processes_differing
-from ultramem_jax.parallel.mesh import batch_sharding, make_mesh, mesh_shape, use_mesh
-from ultramem_jax.parallel.rules import batch_shards
+from ultramem_jax.parallel.mesh import batch_sharding, check_mesh, make_mesh, use_mesh
 from ultramem_jax.training.checkpoint import Checkpointer, abstract_like
-from ultramem_jax.training.guards import check_mesh_divides, check_writable
+from ultramem_jax.training.guards import check_writable
 from ultramem_jax.training.health import HealthMonitor
 from ultramem_jax.training.signals import StopRequest
 from ultramem_jax.training.metrics import (Progress, ScalarWriter, plot_losses,
@@ -178,15 +179,6 @@ def _resolve_vocab(cfg: Config, vocab_size: int) -> Config:
   return cfg
 
 
-def _check_batch(cfg: Config, mesh_sizes: dict[str, int]) -> None:
-  shards = batch_shards(mesh_sizes)
-  if cfg.data.batch_size % shards:
-    raise ConfigError(
-        f"data.batch_size: got {cfg.data.batch_size}; must be divisible by "
-        f"mesh.data * mesh.fsdp * mesh.expert * mesh.memory = {shards} (the "
-        "batch is split over all four)")
-
-
 def _check_process_count(paths: RunPaths, step: int) -> None:
   """The data-iterator position of checkpoint `step` is saved per process
   (grain writes ``data/process_<i>-of-<n>.json``), so only the same number
@@ -228,8 +220,6 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
   is_main = jax.process_index() == 0
 
   # --- checks that need nothing built ---
-  sizes = dict(zip(cfg.mesh.axis_names, mesh_shape(cfg.mesh, jax.device_count())))
-  _check_batch(cfg, sizes)
   check_writable(paths.root)
   resume_step, replace = check_run_dir(cfg)
   if resume_step is not None:
@@ -248,7 +238,7 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
     say(f"data.tasks: {cfg.data.tasks}: {tasks.text_share:.0%} text rows; "
         f"tasks {dict(zip(tasks.mixture.names, tasks.mixture.probs.tolist()))}"
         f"; loss on {task_tokens}; {tasks.space.describe()}")
-  check_mesh_divides(cfg, sizes)
+  check_mesh(cfg, abstract_model(cfg), jax.device_count())
   mesh = make_mesh(cfg.mesh)
   sharding = batch_sharding(mesh)
   shard_index, shard_count = batch_shard(sharding, cfg.data.batch_size)

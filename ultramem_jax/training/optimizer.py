@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ultramem_jax.config import OptimizerConfig, ParamGroupConfig
+from ultramem_jax.training.config import OptimizerConfig, ParamGroupConfig
 
 
 def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:

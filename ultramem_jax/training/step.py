@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 
 from ultramem_jax.model.common import AuxLoss, LayerMetric
-from ultramem_jax.model.memory import memory_utilisation, refresh_memory
+from ultramem_jax.model.memory.layer import memory_utilisation, refresh_memory
 
 
 def token_losses(model: nnx.Module, batch: dict) -> jax.Array:

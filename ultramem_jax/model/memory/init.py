@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ultramem_jax.config import ModelConfig
+from ultramem_jax.model.config import ModelConfig
 from ultramem_jax.model.memory.layer import (MemoryLayer, MemoryTable,
                                              initial_value_std, memory_layers)
 

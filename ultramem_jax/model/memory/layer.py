@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ultramem_jax.config import ModelConfig
+from ultramem_jax.model.config import ModelConfig
 from ultramem_jax.memory_geometry import memory_geometry
 from pallas_kernels import product_key_topk, value_read
 from ultramem_jax.model.common import (AuxLoss, LayerMetric, dtype_of,

@@ -1,0 +1,147 @@
+"""The ``model`` section: the Transformer's sizes, what fills its FFN slot
+(dense SwiGLU or fine-grained MoE), and the rules they must satisfy. The
+memory layers' own section is ``model/memory/config.py``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+
+from ultramem_jax.config import require
+from ultramem_jax.model.memory.config import MemoryConfig, validate_memory
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Fine-grained top-k experts, OLMoE style (``model.ffn.kind: moe``)."""
+
+  num_experts: int = 64
+  top_k: int = 8
+  # Inner width of each SwiGLU expert; 0 means d_model // 2 (OLMoE).
+  expert_dim: int = 0
+  # Always-active experts of the same width, added to the routed output.
+  num_shared_experts: int = 0
+  # Renormalise the k chosen router probabilities to sum to 1 (OLMoE: no).
+  renormalize: bool = False
+  # 0: dropless (grouped matmuls over sorted assignments). > 0: each expert
+  # takes at most ceil(capacity_factor * tokens * top_k / num_experts)
+  # assignments; the rest are dropped, counted and logged.
+  capacity_factor: float = 0.0
+  load_balance_coef: float = 0.01
+  z_loss_coef: float = 0.001
+  # Grouped matmul of the dropless path: `ragged_dot` (jax.lax.ragged_dot,
+  # native on TPU/GPU), `blocked` (each expert's rows padded to blocks of
+  # `block_size`, one batched matmul with per-block weights: exact, about
+  # 1.1x the ideal FLOPs; XLA's CPU ragged_dot is a dense masked product with
+  # E times the FLOPs), `gather` (each row's expert weights gathered: reads
+  # only the experts used, for decoding), or `auto` (gather when there are
+  # no more rows than experts, else blocked on CPU and ragged_dot elsewhere).
+  grouped_matmul: Literal["auto", "ragged_dot", "blocked", "gather"] = "auto"
+  block_size: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class FFNConfig:
+  """What fills the FFN slot of every block (``model.ffn.kind``)."""
+
+  kind: Literal["dense", "moe"] = "dense"
+  # Inner width of the dense SwiGLU FFN; 0 means 8/3 * d_model rounded up to 64.
+  inner_dim: int = 0
+  moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
+
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The decoder-only Transformer (``model``); 0 means derived where noted."""
+
+  # 0: taken from the tokenizer when the run is built (BPE size + specials).
+  vocab_size: int = 0
+  d_model: int = 128
+  n_layers: int = 4
+  n_heads: int = 4
+  # Key/value heads for grouped-query attention; 0 means n_heads (plain MHA).
+  n_kv_heads: int = 0
+  # Width of one attention head; 0 means d_model // n_heads.
+  head_dim: int = 0
+  ffn: FFNConfig = dataclasses.field(default_factory=FFNConfig)
+  memory: MemoryConfig = dataclasses.field(default_factory=MemoryConfig)
+  tie_embeddings: bool = True
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  # Activations and matmuls run in `dtype`; parameters are kept in
+  # `param_dtype`. float64 (for numerical checks) needs JAX_ENABLE_X64=1.
+  dtype: Literal["float32", "bfloat16", "float64"] = "float32"
+  param_dtype: Literal["float32", "bfloat16", "float64"] = "float32"
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv_heads or self.n_heads
+
+  @property
+  def attn_head_dim(self) -> int:
+    return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def expert_dim(self) -> int:
+    return self.ffn.moe.expert_dim or self.d_model // 2
+
+  @property
+  def value_dim(self) -> int:
+    return self.memory.value_dim or self.d_model
+
+  @property
+  def ffn_inner_dim(self) -> int:
+    if self.ffn.inner_dim:
+      return self.ffn.inner_dim
+    return -(-(8 * self.d_model // 3) // 64) * 64
+
+
+
+def validate_model(m: ModelConfig) -> None:
+  """Every rule of the ``model`` section, the memory layers' included."""
+  for key in ("d_model", "n_layers", "n_heads"):
+    require(getattr(m, key) > 0, f"model.{key}", getattr(m, key),
+            "must be a positive integer")
+  for key, value in [("model.vocab_size", m.vocab_size),
+                     ("model.n_kv_heads", m.n_kv_heads),
+                     ("model.head_dim", m.head_dim),
+                     ("model.ffn.inner_dim", m.ffn.inner_dim)]:
+    require(value >= 0, key, value, "must be >= 0 (0 means derived)")
+  if not m.head_dim:
+    require(m.d_model % m.n_heads == 0, "model.n_heads", m.n_heads,
+            f"must divide model.d_model={m.d_model} (or set model.head_dim)")
+  require(m.n_heads % m.kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
+          f"must divide model.n_heads={m.n_heads}")
+  require(m.attn_head_dim % 2 == 0, "model.head_dim", m.attn_head_dim,
+          "rotary positions need an even head width")
+  require(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
+  if m.ffn.kind == "moe":
+    validate_moe(m.ffn.moe)
+  require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be > 0")
+  validate_memory(m)
+  for key in ("dtype", "param_dtype"):
+    if getattr(m, key) == "float64":
+      require(bool(jax.config.jax_enable_x64), f"model.{key}", "float64",
+              "needs 64-bit JAX (JAX_ENABLE_X64=1 or jax.enable_x64())")
+
+
+def validate_moe(e: MoEConfig) -> None:
+  """``model.ffn.moe`` (checked when ``model.ffn.kind`` is ``moe``)."""
+  require(e.num_experts >= 1, "model.ffn.moe.num_experts", e.num_experts,
+          "must be a positive integer")
+  require(1 <= e.top_k <= e.num_experts, "model.ffn.moe.top_k", e.top_k,
+          f"must lie in [1, model.ffn.moe.num_experts={e.num_experts}]")
+  require(e.expert_dim >= 0, "model.ffn.moe.expert_dim", e.expert_dim,
+          "must be >= 0 (0 means d_model // 2)")
+  require(e.num_shared_experts >= 0, "model.ffn.moe.num_shared_experts",
+          e.num_shared_experts, "must be >= 0")
+  require(e.block_size >= 1, "model.ffn.moe.block_size", e.block_size,
+          "must be a positive integer")
+  require(e.capacity_factor >= 0, "model.ffn.moe.capacity_factor",
+          e.capacity_factor, "must be >= 0 (0 means dropless)")
+  for key in ("load_balance_coef", "z_loss_coef"):
+    require(getattr(e, key) >= 0, f"model.ffn.moe.{key}", getattr(e, key),
+            "must be >= 0")
