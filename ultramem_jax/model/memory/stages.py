@@ -88,8 +88,8 @@ class Retrieval:
     """Wq, the two norm scales (Dk**-0.4 at first; the paper path rescales
     them, see memory/init.py), the keys, the scoring's own variables and
     the fixed random permutation of the ns*ns virtual slots."""
-    d, dk, r, h, pdt = sizes.d_model, self.key_dim, self.rank, self.heads, sizes.param_dtype
-    ns = sizes.keys_per_side
+    d, dk, r, h = sizes.d_model, self.key_dim, self.rank, self.heads
+    ns, pdt = sizes.keys_per_side, sizes.param_dtype
     out = {"w_q": normal_param(rngs, dk ** -0.5, (d, self.query_heads, 2, r, dk),
                                ("embed", "memory_heads", None, "memory_rank",
                                 "memory_key_dim"), pdt)}
