@@ -44,10 +44,6 @@ class MemoryStat(nnx.Variable):
   """Running statistics kept for logging only."""
 
 
-def _buffer(cls, value: jax.Array, names: tuple[str | None, ...]) -> nnx.Variable:
-  return cls(value, out_sharding=names)
-
-
 def initial_value_std(cfg: ModelConfig, sigma_s2: float | jax.Array = 0.0):
   """Std of values and pre-values (spec, Initialisation; section 6).
 
@@ -102,10 +98,10 @@ class MemoryLayer(nnx.Module):
         setattr(self, name, var)
     self.table = MemoryTable(cfg, self.table_rows, rngs=rngs) if own_table else None
     # Logging state: the call at which each window row was last read.
-    self.calls = _buffer(MemoryStat, jnp.zeros((), jnp.int32), ())
-    self.last_used = _buffer(
-        MemoryStat, jnp.full((self.rows_per_block,), _NEVER, jnp.int32),
-        ("memory_rows",))
+    self.calls = MemoryStat(jnp.zeros((), jnp.int32), out_sharding=())
+    self.last_used = MemoryStat(
+        jnp.full((self.rows_per_block,), _NEVER, jnp.int32),
+        out_sharding=("memory_rows",))
 
   def _geometry(self, cfg: ModelConfig, index: int) -> None:
     """Sizes and addressing the stages read from the layer."""
