@@ -25,7 +25,8 @@ from ultramem_jax.memory_geometry import memory_geometry
 from ultramem_jax.model.common import dtype_of, normal_param
 from ultramem_jax.model.memory import retrieval as R
 from ultramem_jax.model.memory.recipe import memory_recipe
-from ultramem_jax.model.memory.stages import MemoryBuffer, Sizes
+# MemoryBuffer is re-exported (model.memory imports it from here).
+from ultramem_jax.model.memory.stages import MemoryBuffer, Sizes  # noqa: F401
 
 # Stamp of a row never read (far outside any window).
 _NEVER = -(2 ** 30)
