@@ -1,6 +1,15 @@
 """Pure-JAX references for the kernels: plain gathers, einsums and
 ``lax.top_k``, written for clarity, not speed. Every kernel is tested
-against these (values and gradients, through ordinary autodiff)."""
+against these (values and gradients, through ordinary autodiff).
+
+They are also the one definition of step 6 (the weighted read of value
+rows) and of the pre-value activations: the memory layer's XLA path calls
+:func:`pre_value_products` and :func:`weighted_value_sum` directly.
+
+Shapes: N tokens, S kept slots per token (all heads together), Dv value
+width split into hc chunks (multi-core scoring), Dp pre-value width, E value
+blocks (implicit value expansion).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +22,37 @@ ACTIVATIONS = {
     "relu": jax.nn.relu,
     "silu": jax.nn.silu,
 }
+
+
+def pre_value_products(z: jax.Array, slots: jax.Array,
+                       pre_values: jax.Array) -> jax.Array:
+  """a_k = <z, P[p_k]>: z [N, Dp], slots [N, S], P [rows, Dp] -> [N, S] f32."""
+  rows = jnp.take(pre_values, slots, axis=0).astype(z.dtype)
+  return jnp.einsum("nd,nsd->ns", z, rows,
+                    preferred_element_type=jnp.promote_types(z.dtype, jnp.float32))
+
+
+def weighted_value_sum(slots: jax.Array, weights: jax.Array, values: jax.Array,
+                       *, blocks: jax.Array | None = None,
+                       num_blocks: int = 1, dtype=jnp.float32) -> jax.Array:
+  """o[e, chunk c] = sum_k [e_k = e] * weights[k, c] * V[p_k, chunk c].
+
+  slots [N, S] rows p_k; weights [N, S, hc] (a_k * g_c[k], or the softmax
+  weights); values [rows, Dv]; blocks [N, S] the value block e_k < E.
+  Returns [N, E * Dv] (block-major), accumulated in float32, cast to dtype.
+  """
+  n, s, hc = weights.shape
+  dv = values.shape[-1]
+  rows = jnp.take(values, slots, axis=0).astype(dtype).reshape(n, s, hc, dv // hc)
+  w = weights.astype(dtype)
+  acc = jnp.promote_types(dtype, jnp.float32)
+  if num_blocks == 1:
+    out = jnp.einsum("nsc,nscd->ncd", w, rows, preferred_element_type=acc)
+  else:
+    onehot = jax.nn.one_hot(blocks, num_blocks, dtype=dtype)
+    out = jnp.einsum("nsc,nse,nscd->necd", w, onehot, rows,
+                     preferred_element_type=acc)
+  return out.reshape(n, num_blocks * dv).astype(dtype)
 
 
 def product_key_topk_reference(q: jax.Array, keys: jax.Array, u: jax.Array,
@@ -46,16 +86,10 @@ def value_read_reference(slots: jax.Array, weights: jax.Array,
   with o[t, e, chunk c] = sum_s [e_s = e] w[t, s, c] V[p_ts, chunk c],
   accumulated in float32 and cast to `dtype`.
   """
-  n, s, hc = weights.shape
-  dv = values.shape[1]
   w = weights.astype(jnp.float32)
   if pre_values is not None:
-    a = jnp.einsum("nd,nsd->ns", z.astype(jnp.float32),
-                   pre_values[slots].astype(jnp.float32))
+    a = pre_value_products(z.astype(jnp.float32), slots, pre_values)
     w = w * ACTIVATIONS[activation](a)[..., None]
-  rows = values[slots].astype(jnp.float32).reshape(n, s, hc, dv // hc)
-  if blocks is None:
-    blocks = jnp.zeros_like(slots)
-  onehot = jax.nn.one_hot(blocks, num_blocks, dtype=jnp.float32)
-  out = jnp.einsum("nsc,nse,nscd->necd", w, onehot, rows)
-  return out.reshape(n, num_blocks * dv).astype(dtype)
+  out = weighted_value_sum(slots, w, values, blocks=blocks,
+                           num_blocks=num_blocks, dtype=jnp.float32)
+  return out.astype(dtype)

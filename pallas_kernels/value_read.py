@@ -78,45 +78,56 @@ def _pad_slots(x: jax.Array, t: _Tiles) -> jax.Array:
 def _read(slots, weights, values, z, pre_values, blocks, spec: _Spec):
   """Kernel call. Returns o [E, N, Dv] (out_dtype) and a [N, S] f32 (or
   None without pre-values)."""
-  n, s, hc = weights.shape
-  dv, e, pre = values.shape[1], spec.e, pre_values is not None
-  dp = pre_values.shape[1] if pre else 0
-  has_blocks = blocks is not None and e > 1
-  out_dtype = jnp.dtype(spec.out_dtype)
-  interpret = interpret_arg(spec.backend, spec.interpret)
   w = jnp.transpose(weights, (2, 0, 1))                      # [hc, N, S]
-  t = _tiles(spec, n, s)
+  has_blocks = blocks is not None and spec.e > 1
+  body = _read_tpu if spec.backend == "tpu" else _read_triton
+  return body(slots, w, values, z, pre_values, blocks if has_blocks else None,
+              spec, _tiles(spec, *slots.shape))
+
+
+def _read_tpu(slots, w, values, z, pre_values, blocks, spec: _Spec, t: _Tiles):
+  """The Mosaic forward kernel; w [hc, N, S], blocks None unless E > 1."""
+  hc, n, s = w.shape
+  dv, e = values.shape[1], spec.e
+  pre, has_blocks = pre_values is not None, blocks is not None
+  dp = pre_values.shape[1] if pre else 0
+  bt, n_pad = t.bt, t.n_pad
+  inputs = [pad_axis(w, 1, n_pad)]
+  in_specs = [pl.BlockSpec((hc, bt, s), lambda i: (0, i, 0))]
+  if pre:
+    inputs.append(pad_axis(z, 0, n_pad))
+    in_specs.append(pl.BlockSpec((bt, dp), lambda i: (i, 0)))
+  if has_blocks:
+    inputs.append(_pad_slots(blocks, t))
+    in_specs.append(pl.BlockSpec((bt, s), lambda i: (i, 0)))
+  out_shape = [jax.ShapeDtypeStruct((e, n_pad, dv), jnp.dtype(spec.out_dtype))]
+  out_specs = [pl.BlockSpec((e, bt, dv), lambda i: (0, i, 0))]
+  scratch = [pltpu.VMEM((2, bt, s, dv), values.dtype)]
+  if pre:
+    out_shape.append(jax.ShapeDtypeStruct((n_pad, s), jnp.float32))
+    out_specs.append(pl.BlockSpec((bt, s), lambda i: (i, 0)))
+    scratch.append(pltpu.VMEM((2, bt, s, dp), pre_values.dtype))
+  scratch += [pltpu.SemaphoreType.DMA((2,))] * (2 if pre else 1)
+  kernel = functools.partial(tpu.forward_kernel, bt=bt, s=s, hc=hc, e=e, dv=dv,
+                             activation=spec.activation, pre=pre,
+                             has_blocks=has_blocks)
+  outs = tpu.call(kernel, n_blocks=n_pad // bt, bt=bt, s=s,
+                  slots=_pad_slots(slots, t), inputs=inputs,
+                  in_specs=in_specs,
+                  hbm_tables=[values] + ([pre_values] if pre else []),
+                  out_shape=out_shape, out_specs=out_specs, scratch=scratch,
+                  interpret=interpret_arg(spec.backend, spec.interpret))
+  o = outs[0][:, :n]
+  return o, (outs[1][:n] if pre else None)
+
+
+def _read_triton(slots, w, values, z, pre_values, blocks, spec: _Spec, t: _Tiles):
+  """The Triton forward kernel, every size padded to a power of two."""
+  hc, n, s = w.shape
+  dv, e = values.shape[1], spec.e
+  pre, has_blocks = pre_values is not None, blocks is not None
+  dp = pre_values.shape[1] if pre else 0
   bt, n_pad, s_pad, sc = t
-
-  if spec.backend == "tpu":
-    inputs = [pad_axis(w, 1, n_pad)]
-    in_specs = [pl.BlockSpec((hc, bt, s), lambda i: (0, i, 0))]
-    if pre:
-      inputs.append(pad_axis(z, 0, n_pad))
-      in_specs.append(pl.BlockSpec((bt, dp), lambda i: (i, 0)))
-    if has_blocks:
-      inputs.append(_pad_slots(blocks, t))
-      in_specs.append(pl.BlockSpec((bt, s), lambda i: (i, 0)))
-    out_shape = [jax.ShapeDtypeStruct((e, n_pad, dv), out_dtype)]
-    out_specs = [pl.BlockSpec((e, bt, dv), lambda i: (0, i, 0))]
-    scratch = [pltpu.VMEM((2, bt, s, dv), values.dtype)]
-    if pre:
-      out_shape.append(jax.ShapeDtypeStruct((n_pad, s), jnp.float32))
-      out_specs.append(pl.BlockSpec((bt, s), lambda i: (i, 0)))
-      scratch.append(pltpu.VMEM((2, bt, s, dp), pre_values.dtype))
-    scratch += [pltpu.SemaphoreType.DMA((2,))] * (2 if pre else 1)
-    kernel = functools.partial(tpu.forward_kernel, bt=bt, s=s, hc=hc, e=e, dv=dv,
-                               activation=spec.activation, pre=pre,
-                               has_blocks=has_blocks)
-    outs = tpu.call(kernel, n_blocks=n_pad // bt, bt=bt, s=s,
-                    slots=_pad_slots(slots, t), inputs=inputs,
-                    in_specs=in_specs,
-                    hbm_tables=[values] + ([pre_values] if pre else []),
-                    out_shape=out_shape, out_specs=out_specs, scratch=scratch,
-                    interpret=interpret)
-    o = outs[0][:, :n]
-    return o, (outs[1][:n] if pre else None)
-
   dv_pad, dp_pad = next_pow2(dv), next_pow2(max(dp, 1))
   inputs = [_pad_slots(slots, t), pad_axis(pad_axis(w, 1, n_pad), 2, s_pad)]
   in_specs = [pl.BlockSpec((bt, s_pad), lambda i: (i, 0)),
@@ -127,7 +138,7 @@ def _read(slots, weights, values, z, pre_values, blocks, spec: _Spec):
   if has_blocks:
     inputs.append(_pad_slots(blocks, t))
     in_specs.append(pl.BlockSpec((bt, s_pad), lambda i: (i, 0)))
-  out_shape = [jax.ShapeDtypeStruct((e, n_pad, dv_pad), out_dtype)]
+  out_shape = [jax.ShapeDtypeStruct((e, n_pad, dv_pad), jnp.dtype(spec.out_dtype))]
   out_specs = [pl.BlockSpec((e, bt, dv_pad), lambda i: (0, i, 0))]
   if pre:
     out_shape.append(jax.ShapeDtypeStruct((n_pad, s_pad), jnp.float32))
@@ -139,7 +150,7 @@ def _read(slots, weights, values, z, pre_values, blocks, spec: _Spec):
                      in_specs=in_specs,
                      tables=[values] + ([pre_values] if pre else []),
                      out_shape=out_shape, out_specs=out_specs,
-                     interpret=interpret)
+                     interpret=interpret_arg(spec.backend, spec.interpret))
   o = outs[0][:, :n, :dv]
   return o, (outs[1][:n, :s] if pre else None)
 

@@ -1,6 +1,7 @@
 """The memory layer against independent references, in float64: brute-force
 retrieval, the per-token numpy reference of tests/memory_reference.py for
-every variant, and finite differences for every gradient."""
+every variant (tests/memory_variants.py), and finite differences for every
+gradient; the recipe builder's stages and refusals."""
 
 from __future__ import annotations
 
@@ -13,49 +14,18 @@ import pytest
 from flax import nnx
 
 from memory_reference import reference_memory
+from memory_variants import RECIPE_NAMES, VARIANTS
 from ultramem_jax.config import ConfigError, to_dict
 from ultramem_jax.training.config import from_dict
 from ultramem_jax.memory_geometry import memory_geometry
 from ultramem_jax.model.memory.layer import MemoryLayer, MemoryTable
 from ultramem_jax.model.memory import retrieval as R
+from ultramem_jax.model.memory.recipe import memory_recipe
 from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh
 
 BASE = {"d_model": 16, "n_layers": 3, "n_heads": 2, "vocab_size": 32,
         "dtype": "float64", "param_dtype": "float64",
         "ffn": {"inner_dim": 32}}
-
-# Each variant of spec sections 2 and 6 at tiny shapes. K < keys per side
-# everywhere, so the pre-filter matters.
-VARIANTS = {
-    "ultramem_v2": dict(layers="all", n_keys=6, key_dim=4, top_m=5,
-                        prefilter_k=4, value_dim=8, pre_value_dim=6),
-    "ultramem_v2_released_queries": dict(
-        layers="all", n_keys=6, key_dim=4, top_m=5, prefilter_k=4,
-        value_dim=8, pre_value_dim=6, per_rank_queries=False, tucker_rank=3,
-        tucker_cores=2),
-    "ultramem_v2_gelu_4cores": dict(
-        layers="all", n_keys=5, key_dim=4, top_m=6, prefilter_k=4, value_dim=8,
-        pre_value_dim=4, tucker_cores=4, value_activation="gelu"),
-    "ultramem_v1": dict(layers="0:1/1:2", n_keys=3, key_dim=4, top_m=4,
-                        prefilter_k=3, heads=2, share_query=True,
-                        value_expansion=4, value_dim=6, value_init="ultramem"),
-    "memory_plus": dict(layers="0,1,2", replace_ffn=True, score="sum",
-                        tucker_rank=1, tucker_cores=1, n_keys=4, key_dim=4,
-                        top_m=3, prefilter_k=3, heads=2,
-                        normalize_scores="softmax", output_gate=True,
-                        value_dim=8, share_values=True, share_ratio=0.5,
-                        value_init="fixed"),
-    "pkm": dict(layers="1", replace_ffn=True, score="sum", tucker_rank=1,
-                tucker_cores=1, n_keys=5, key_dim=4, top_m=4, prefilter_k=3,
-                heads=2, normalize_scores="softmax", output_proj=False,
-                value_dim=16, value_init="fixed"),
-    "peer": dict(layers="1", replace_ffn=True, score="sum", tucker_rank=1,
-                 tucker_cores=1, n_keys=5, key_dim=4, top_m=4, heads=3,
-                 normalize_scores="softmax", output_proj=False, value_dim=16,
-                 pre_value_dim=16, pre_value_proj=False, value_activation="gelu",
-                 value_init="fixed"),
-}
-
 
 def model_cfg(memory: dict, **extra):
   data = to_dict(from_dict({}))
@@ -279,3 +249,41 @@ def test_impossible_memory_shapes_are_refused(memory, key):
     return
   with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
     model_cfg(full)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_each_variant_is_its_named_recipe(variant):
+  recipe = memory_recipe(model_cfg(VARIANTS[variant]))
+  assert recipe.name == RECIPE_NAMES[variant]
+  layer, _ = make_layer(model_cfg(VARIANTS[variant]),
+                        1 if VARIANTS[variant].get("share_values") else 0)
+  assert layer.recipe == recipe and layer.tucker == recipe.retrieval.tucker
+
+
+# One impossible combination per check of the recipe builder.
+IMPOSSIBLE = [
+    dict(value_dim=9, tucker_cores=2),
+    dict(score="sum"),
+    dict(tucker_rank=1, per_rank_queries=False),
+    dict(normalize_scores="softmax"),
+    dict(output_proj=False, value_dim=8),
+    dict(pre_value_proj=False, pre_value_dim=8),
+    dict(share_values=True, share_ratio=1.5),
+    dict(share_values=True, value_expansion=4),
+    dict(pre_value_dim=0),
+]
+
+
+@pytest.mark.parametrize("memory", IMPOSSIBLE, ids=lambda m: ",".join(m))
+def test_recipe_refuses_what_validation_refuses(memory):
+  """memory_recipe, given a config that skipped validation, raises the
+  ConfigError that loading the same config raises, word for word."""
+  full = {"layers": "all", "pre_value_dim": 8, "value_dim": 16, **memory}
+  with pytest.raises(ConfigError) as loaded:
+    model_cfg(full)
+  valid = model_cfg({"layers": "all", "pre_value_dim": 8, "value_dim": 16})
+  unchecked = dataclasses.replace(
+      valid, memory=dataclasses.replace(valid.memory, **full))
+  with pytest.raises(ConfigError) as built:
+    memory_recipe(unchecked)
+  assert str(built.value) == str(loaded.value)

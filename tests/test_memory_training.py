@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from memory_variants import TRAIN_V1 as V1
+from memory_variants import TRAIN_V2 as V2
 from ultramem_jax.training.config import load_config
 from ultramem_jax.data.pipeline import train_dataset
 from ultramem_jax.model.transformer import build_model
@@ -24,15 +26,6 @@ from ultramem_jax.training.loop import train
 from ultramem_jax.training.optimizer import param_labels
 from ultramem_jax.training.state import create_state
 from ultramem_jax.training.step import make_train_step
-
-V2 = ["model.memory.layers=all", "model.memory.n_keys=8", "model.memory.key_dim=8",
-      "model.memory.top_m=4", "model.memory.value_dim=16",
-      "model.memory.pre_value_dim=16"]
-V1 = ["model.memory.layers=0:1", "model.memory.heads=2",
-      "model.memory.share_query=true", "model.memory.n_keys=6",
-      "model.memory.key_dim=8", "model.memory.top_m=4",
-      "model.memory.value_dim=8", "model.memory.value_expansion=4",
-      "model.memory.value_init=ultramem"]
 
 
 def config(tmp_path, source="wiki", memory=V2, extra=()):

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from memory_variants import READ_CASES, TRAIN_V1, TRAIN_V2
 from pallas_kernels import (product_key_topk, product_key_topk_reference,
                             value_read, value_read_reference)
 from pallas_kernels.backend import default_backend
@@ -89,14 +90,9 @@ def test_product_key_topk_rejects_bad_shapes():
 # value_read
 # --------------------------------------------------------------------------
 
-# (name, cores hc, pre-values, activation, value blocks E): the spec's variants.
-VARIANTS = [
-    ("ultramem_v2", 2, True, "none", 1),   # multi-core scores, pre-values
-    ("pre_gelu", 1, True, "gelu", 1),      # an activation on <z, P[p]>
-    ("ultramem_v1", 1, False, "none", 3),  # implicit value expansion
-    ("pkm", 1, False, "none", 1),          # PKM / Memory+ (softmax weights)
-    ("peer_like", 4, False, "none", 1),    # more cores than two
-]
+# (name, cores hc, pre-values, activation, value blocks E): the reads of the
+# variants the layer tests run (tests/memory_variants.py).
+VARIANTS = READ_CASES
 
 
 def read_inputs(hc, pre, e, dtype=jnp.float32, n=11, s=6, rows=9, dv=16, dp=8):
@@ -209,16 +205,9 @@ def test_kernels_lower_for_accelerators(platform, target, backend):
 # The memory layer: kernels: pallas == kernels: xla in a whole train step
 # --------------------------------------------------------------------------
 
-V2 = ["model.memory.layers=all", "model.memory.n_keys=8", "model.memory.key_dim=8",
-      "model.memory.top_m=4", "model.memory.prefilter_k=3",
-      "model.memory.value_dim=16", "model.memory.pre_value_dim=16",
-      "model.memory.value_activation=gelu", "model.memory.key_balance=0.01",
-      "model.memory.core_penalty=0.1"]
-V1 = ["model.memory.layers=0:1", "model.memory.heads=2",
-      "model.memory.share_query=true", "model.memory.n_keys=6",
-      "model.memory.key_dim=8", "model.memory.top_m=4",
-      "model.memory.value_dim=8", "model.memory.value_expansion=4",
-      "model.memory.value_init=ultramem"]
+V2 = TRAIN_V2 + ["model.memory.prefilter_k=3", "model.memory.value_activation=gelu",
+                 "model.memory.key_balance=0.01", "model.memory.core_penalty=0.1"]
+V1 = TRAIN_V1
 
 
 def tiny(tmp_path, memory, kernels):

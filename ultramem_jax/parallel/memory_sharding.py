@@ -24,7 +24,8 @@ shards only.
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +45,64 @@ def whole_cores(hc: int, m: int) -> bool:
 
 def group_size(mesh) -> int:
   return axis_size(mesh, MEMORY)
+
+
+class _Read(NamedTuple):
+  """What the per-device bodies need besides the arrays."""
+  group: int              # M, devices of the memory group
+  cores: int              # hc
+  num_blocks: int         # E
+  dtype: object
+  read: Callable
+  pre_products: Callable
+  act: Callable
+
+
+def _gather(x):
+  return jax.lax.all_gather(x, MEMORY, axis=0, tiled=True)
+
+
+def _group(slots, weights, blocks):
+  """The memory group's kept indices, scores (float32) and blocks."""
+  return _gather(slots), _gather(weights).astype(jnp.float32), _gather(blocks)
+
+
+def _column(c: _Read, slots, weights, blocks, values, z=None, pre_values=None):
+  """Column sharding on one device: Dv/M columns of every row."""
+  m, hc = c.group, c.cores
+  if m == 1:   # no group: the fused single-device read
+    return c.read(slots, weights, values, blocks, z, pre_values).astype(c.dtype)
+  idx = jax.lax.axis_index(MEMORY)
+  slots, w, blocks = _group(slots, weights, blocks)
+  # The cores owning this device's columns.
+  per = max(hc // m, 1)
+  w = jax.lax.dynamic_slice_in_dim(w, idx * hc // m if hc >= m else idx // (m // hc),
+                                   per, axis=2)
+  if pre_values is not None:   # partial dot over this device's Dp/M columns, then psum
+    width = pre_values.shape[1]
+    z_cols = jax.lax.dynamic_slice_in_dim(_gather(z), idx * width, width, axis=1)
+    a = jax.lax.psum(c.pre_products(z_cols, slots, pre_values), MEMORY)
+    w = w * c.act(a)[..., None]
+  o = c.read(slots, w, values, blocks)                      # [Ng, E*Dv/M]
+  o = o.reshape(o.shape[0], c.num_blocks, -1)
+  o = jax.lax.all_to_all(o, MEMORY, 0, 2, tiled=True)       # [Nl, E, Dv]
+  return o.reshape(o.shape[0], -1).astype(c.dtype)
+
+
+def _row(c: _Read, slots, weights, blocks, values, z=None, pre_values=None):
+  """Row sharding on one device: R/M rows of full width."""
+  idx, rows = jax.lax.axis_index(MEMORY), values.shape[0]
+  slots, w, blocks = _group(slots, weights, blocks)
+  local = slots - idx * rows
+  mine = (local >= 0) & (local < rows)
+  local = jnp.where(mine, local, 0)
+  w = jnp.where(mine[..., None], w, 0.0)
+  if pre_values is not None:   # each row lives on one device: psum completes the dot
+    a = jnp.where(mine, c.pre_products(_gather(z), local, pre_values), 0.0)
+    w = w * c.act(jax.lax.psum(a, MEMORY))[..., None]
+  o = c.read(local, w, values, blocks)                      # partial [Ng, E*Dv]
+  return jax.lax.psum_scatter(o, MEMORY, scatter_dimension=0,
+                              tiled=True).astype(c.dtype)
 
 
 def sharded_read(slots, weights, values, *, z, pre_values, blocks,
@@ -66,58 +125,19 @@ def sharded_read(slots, weights, values, *, z, pre_values, blocks,
         blocks=pad_tokens(blocks, size), num_blocks=num_blocks, dtype=dtype,
         mode=mode, read=read, pre_products=pre_products, act=act)
     return out[:n]
-  e, pre = num_blocks, pre_values is not None
   m = group_size(mesh)
   if mode == "column" and not whole_cores(hc, m):
     raise ValueError(f"model.memory.table_sharding=column: the {hc} cores and "
                      f"the memory axis of {m} devices must divide one another")
   if blocks is None:
     blocks = jnp.zeros_like(slots)
-  gather = lambda x: jax.lax.all_gather(x, MEMORY, axis=0, tiled=True)
-
-  def group(slots, weights, blocks):
-    """The memory group's kept indices, scores (float32) and blocks."""
-    return gather(slots), gather(weights).astype(jnp.float32), gather(blocks)
-
-  def column(slots, weights, blocks, values, z=None, pre_values=None):
-    if m == 1:   # no group: the fused single-device read
-      return read(slots, weights, values, blocks, z, pre_values).astype(dtype)
-    idx = jax.lax.axis_index(MEMORY)
-    slots, w, blocks = group(slots, weights, blocks)
-    # The cores owning this device's columns.
-    per = max(hc // m, 1)
-    w = jax.lax.dynamic_slice_in_dim(w, idx * hc // m if hc >= m else idx // (m // hc),
-                                     per, axis=2)
-    if pre:   # partial dot over this device's Dp/M columns, then psum
-      width = pre_values.shape[1]
-      z_cols = jax.lax.dynamic_slice_in_dim(gather(z), idx * width, width, axis=1)
-      a = jax.lax.psum(pre_products(z_cols, slots, pre_values), MEMORY)
-      w = w * act(a)[..., None]
-    o = read(slots, w, values, blocks)                        # [Ng, E*Dv/M]
-    o = o.reshape(o.shape[0], e, -1)
-    o = jax.lax.all_to_all(o, MEMORY, 0, 2, tiled=True)       # [Nl, E, Dv]
-    return o.reshape(o.shape[0], -1).astype(dtype)
-
-  def row(slots, weights, blocks, values, z=None, pre_values=None):
-    idx, rows = jax.lax.axis_index(MEMORY), values.shape[0]
-    slots, w, blocks = group(slots, weights, blocks)
-    local = slots - idx * rows
-    mine = (local >= 0) & (local < rows)
-    local = jnp.where(mine, local, 0)
-    w = jnp.where(mine[..., None], w, 0.0)
-    if pre:   # each row lives on one device: psum completes the dot
-      a = jnp.where(mine, pre_products(gather(z), local, pre_values), 0.0)
-      w = w * act(jax.lax.psum(a, MEMORY))[..., None]
-    o = read(local, w, values, blocks)                        # partial [Ng, E*Dv]
-    return jax.lax.psum_scatter(o, MEMORY, scatter_dimension=0,
-                                tiled=True).astype(dtype)
-
+  body = functools.partial(_column if mode == "column" else _row,
+                           _Read(m, hc, num_blocks, dtype, read, pre_products, act))
   table = P(None, MEMORY) if mode == "column" else P(MEMORY, None)
   args = [slots, weights, blocks, values]
   specs = [on_tokens(mesh, 2, 0), on_tokens(mesh, 3, 0), on_tokens(mesh, 2, 0), table]
-  if pre:
+  if pre_values is not None:
     args += [z, pre_values]
     specs += [on_tokens(mesh, 2, 0), table]
-  return jax.shard_map(column if mode == "column" else row, mesh=mesh,
-                       in_specs=tuple(specs),
+  return jax.shard_map(body, mesh=mesh, in_specs=tuple(specs),
                        out_specs=on_tokens(mesh, 2, 0), check_vma=False)(*args)

@@ -19,7 +19,9 @@ import yaml
 from ultramem_jax.config import (ConfigError, apply_overrides, build_dataclass,
                                  merge, read_yaml, require, to_dict)
 from ultramem_jax.data.config import DataConfig, validate_data
+from ultramem_jax.memory_geometry import memory_geometry
 from ultramem_jax.model.config import ModelConfig, validate_model
+from ultramem_jax.model.memory.recipe import memory_recipe
 from ultramem_jax.parallel.mesh import MeshConfig, validate_mesh
 
 
@@ -130,6 +132,8 @@ def fault_steps(t: TrainConfig) -> frozenset[int]:
 def validate(cfg: Config) -> None:
   """Every section's rules, then those that span sections."""
   validate_model(cfg.model)
+  if memory_geometry(cfg.model).placement:
+    memory_recipe(cfg.model)  # the combinations the memory stages cannot run
   validate_data(cfg.data, cfg.model.vocab_size)
   validate_train(cfg.train)
   validate_optimizer(cfg.optimizer)

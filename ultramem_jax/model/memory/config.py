@@ -116,7 +116,9 @@ class MemoryConfig:
 def validate_memory(m) -> None:
   """Memory-layer shapes that cannot work, named by key. `m` is the
   ``ModelConfig`` holding the section (d_model, n_layers and value_dim take
-  part in the checks)."""
+  part in the checks). Settings that exclude one another are refused where
+  the stages are built, by ``model/memory/recipe.memory_recipe``, which
+  ``training/config.validate`` calls next."""
   mem, k = m.memory, "model.memory"
   try:
     geo = memory_geometry(m)
@@ -127,7 +129,6 @@ def validate_memory(m) -> None:
   if not geo.placement:
     return
   _check_sizes(mem, geo.keys_per_side)
-  _check_combinations(m)
 
 
 def _check_sizes(mem: MemoryConfig, ns: int) -> None:
@@ -155,38 +156,3 @@ def _check_sizes(mem: MemoryConfig, ns: int) -> None:
           "when 0)")
   require(mem.top_m <= ns * ns, f"{k}.top_m", mem.top_m,
           f"must be at most the {ns * ns} slots of the n*n grid")
-
-
-def _check_combinations(m) -> None:
-  """Settings that exclude one another (scoring, weighting, output and
-  value initialisation), for the ``ModelConfig`` `m`."""
-  mem, k, e = m.memory, "model.memory", m.memory.value_expansion
-  require(m.value_dim % mem.tucker_cores == 0, f"{k}.value_dim", m.value_dim,
-          f"must be divisible by tucker_cores={mem.tucker_cores} (multi-core "
-          "scoring splits the value columns into equal chunks)")
-  if mem.score == "sum":
-    require(mem.tucker_rank == 1 and mem.tucker_cores == 1, f"{k}.score",
-            mem.score, "'sum' needs tucker_rank: 1 and tucker_cores: 1")
-  if not mem.per_rank_queries:
-    require(mem.tucker_rank >= 2, f"{k}.per_rank_queries", False,
-            "the released-code queries q[0, 0], q[0, 1] need tucker_rank >= 2")
-  if mem.normalize_scores == "softmax":
-    require(mem.tucker_cores == 1, f"{k}.normalize_scores", "softmax",
-            "needs tucker_cores: 1")
-  if not mem.output_proj:
-    require(e * m.value_dim == m.d_model, f"{k}.output_proj", False,
-            f"without Wo the read values are the output, so value_expansion * "
-            f"value_dim = {e * m.value_dim} must equal d_model={m.d_model}")
-  if mem.pre_value_dim and not mem.pre_value_proj:
-    require(mem.pre_value_dim == m.d_model, f"{k}.pre_value_dim",
-            mem.pre_value_dim, f"must equal d_model={m.d_model} when "
-            "pre_value_proj is false (the input is h itself)")
-  if mem.share_values:
-    require(0.0 < mem.share_ratio <= 1.0, f"{k}.share_ratio", mem.share_ratio,
-            "must lie in (0, 1]")
-    require(e == 1, f"{k}.value_expansion", e,
-            "must be 1 when share_values is true")
-  if mem.init == "paper" and mem.value_init == "eq26":
-    require(mem.pre_value_dim > 0, f"{k}.value_init", "eq26",
-            "Eq. 26 needs pre-values (pre_value_dim > 0); use 'ultramem' or "
-            "'fixed'")

@@ -43,8 +43,7 @@ def calibrate_layer(layer: MemoryLayer, key: jax.Array, samples: int) -> jax.Arr
   s1 = jnp.mean(top1)
   # A non-positive mean cannot be normalised by a scale; leave it be.
   s1 = jnp.where(s1 > 0, s1, 1.0)
-  power = -0.25 if layer.tucker else -0.5
-  alpha = s1 ** power
+  alpha = s1 ** layer.recipe.retrieval.score_power
   for scale in (layer.query_norm, layer.key_norm):
     scale.value = (scale[...] * alpha).astype(scale[...].dtype)
   return jnp.var(top1 / s1)
