@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
       distributed.initialize(launch)
       print(distributed.describe(), flush=True)
     from ultramem_jax.training.health import Diverged  # noqa: PLC0415
-    from ultramem_jax.training.loop import train  # noqa: PLC0415
+    from ultramem_jax.training.trainer import train  # noqa: PLC0415
   except (ConfigError, DataError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

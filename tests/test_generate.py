@@ -202,7 +202,7 @@ def run_cli(*args):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, text_dir):
-  from ultramem_jax.training.loop import train  # noqa: PLC0415
+  from ultramem_jax.training.trainer import train  # noqa: PLC0415
 
   run_dir = tmp_path_factory.mktemp("gen") / "run"
   cfg = load_config("configs/tiny_dense.yaml", [

@@ -20,7 +20,7 @@ from ultramem_jax.model.memory import MemoryLayer, memory_layers
 from ultramem_jax.model.memory import retrieval as R
 from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh
 from ultramem_jax.training.checkpoint import Checkpointer, abstract_like
-from ultramem_jax.training.loop import train
+from ultramem_jax.training.trainer import train
 from ultramem_jax.training.optimizer import param_labels
 from ultramem_jax.training.state import create_state
 from ultramem_jax.training.step import make_train_step

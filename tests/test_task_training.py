@@ -27,7 +27,7 @@ from ultramem_jax.data.tokenizer import ByteTokenizer
 from ultramem_jax.evaluation import tasks as eval_tasks
 from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh
 from ultramem_jax.tasks import TASKS, TaskSource, TokenSpace, get_task
-from ultramem_jax.training.loop import train
+from ultramem_jax.training.trainer import train
 from ultramem_jax.training.state import create_state
 from ultramem_jax.training.step import loss_fn, token_losses
 

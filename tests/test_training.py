@@ -14,7 +14,7 @@ from ultramem_jax.config import ConfigError, OptimizerConfig, ParamGroupConfig, 
 from ultramem_jax.data.pipeline import train_dataset
 from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh
 from ultramem_jax.training.checkpoint import Checkpointer, abstract_like
-from ultramem_jax.training.loop import train
+from ultramem_jax.training.trainer import train
 from ultramem_jax.training.metrics import read_scalars
 from ultramem_jax.training.optimizer import (lr_schedule, make_optimizer,
                                              multiplier_schedule, param_labels)
