@@ -6,10 +6,11 @@ C --checkpoint RUN/checkpoints/N``; the tokenizer is the config's
 ``train.run_dir/tokenizer.json`` unless ``--tokenizer`` names one).
 
 Corpora (``--corpora``, default the run's ``data.source``) are corpus names
-or paths to the user's text. Each is read, split and tokenized as the
-training pipeline would for ``data.source=<corpus>`` with the run's
-``data`` settings (``max_documents``, ``val_fraction``, ``split_seed``) and
-the run's tokenizer, and only its validation documents are scored: for the
+or paths to the user's text (see ``evaluation/held_out.py``). Each is read,
+split and tokenized as the training pipeline would for
+``data.source=<corpus>`` with the run's ``data`` settings
+(``max_documents``, ``val_fraction``, ``split_seed``) and the run's
+tokenizer, and only its validation documents are scored: for the
 run's own source these are exactly its validation rows, and a corpus the
 model was trained on is still scored on documents it has not seen. With
 ``--all_documents`` the corpora other than the run's source are scored on
@@ -25,7 +26,8 @@ except in the default invocation (neither ``--context`` nor
 ``--position_corpora`` given), where it is left out with a note.
 
 Written to ``OUT/loss_step<N>.json``, ``.md`` and, with positions,
-``loss_by_position_step<N>.png``; OUT is ``--out``, else ``RUN/eval``.
+``loss_by_position_step<N>.png`` (``evaluation/loss_report.py``); OUT is
+``--out``, else ``RUN/eval``.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ runs its steps, and the report writes and prints the result.
     with prepare(cfg, log) as run:       # checks, data, mesh, state, writers
       trainer = Trainer(run, log)
       trainer.fit(end)                   # steps, validation, checkpoints, stop
-      final = trainer.finish()           # last validation (unless stopped)
-    report(run, trainer, final, ...)     # summary.json, loss.png, messages
+      val, val_task = trainer.finish()   # last validation (unless stopped)
+    return report(run, trainer, val, val_task, ...)  # summary.json, loss.png
 
 SIGTERM / SIGINT stop the loop after the current step with a checkpoint
 (training/signals.py); too many non-finite steps in a row raise
