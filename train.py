@@ -19,8 +19,8 @@ import argparse
 import sys
 
 from ultramem_jax.config import ConfigError
-from ultramem_jax.training.config import load_config
 from ultramem_jax.data.corpora import DataError
+from ultramem_jax.training.config import load_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
       distributed.initialize(launch)
       print(distributed.describe(), flush=True)
     from ultramem_jax.training.health import Diverged  # noqa: PLC0415
-    from ultramem_jax.training.loop import train  # noqa: PLC0415
+    from ultramem_jax.training.trainer import train  # noqa: PLC0415
   except (ConfigError, DataError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -14,13 +14,14 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from ultramem_jax.training.config import load_config
 from ultramem_jax.data.pipeline import train_dataset
 from ultramem_jax.parallel.mesh import MeshConfig, make_mesh, single_device_mesh, use_mesh
 from ultramem_jax.parallel.rules import logical_to_mesh
 from ultramem_jax.training.checkpoint import Checkpointer
-from ultramem_jax.training.loop import latest_checkpoint_step, train
+from ultramem_jax.training.config import load_config
+from ultramem_jax.training.run_dir import latest_checkpoint_step
 from ultramem_jax.training.state import create_state
+from ultramem_jax.training.trainer import train
 
 TRUNK = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2",
          "model.vocab_size=257", "data.tokenizer=bytes", "data.seq_len=16",

@@ -21,11 +21,11 @@ import pytest
 from flax import nnx
 
 from ultramem_jax import inspect as I
-from ultramem_jax.training.config import load_config
 from ultramem_jax.model.transformer import Transformer
 from ultramem_jax.parallel import collective_ops as CO
 from ultramem_jax.parallel import collective_step as CS
 from ultramem_jax.parallel.mesh import MeshConfig, batch_sharding, make_mesh, use_mesh
+from ultramem_jax.training.config import load_config
 from ultramem_jax.training.step import loss_fn
 
 

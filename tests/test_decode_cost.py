@@ -3,8 +3,8 @@
 import pytest
 
 from ultramem_jax.evaluation.cost import cost_table
-from ultramem_jax.training.config import load_config
 from ultramem_jax.inspect import inspect_config
+from ultramem_jax.training.config import load_config
 
 
 def decode(cfg, batches):

@@ -13,16 +13,19 @@ import pytest
 from flax import nnx
 
 from conftest import make_documents
-from ultramem_jax.training.config import load_config
 from ultramem_jax.data.corpora import DataError
 from ultramem_jax.data.pipeline import prepare_data
 from ultramem_jax.data.tokenizer import ByteTokenizer
 from ultramem_jax.evaluation import positions as pos
-from ultramem_jax.evaluation.loss import load_corpus, packed_rows
+from ultramem_jax.evaluation.held_out import load_corpus, packed_rows
+from ultramem_jax.evaluation.loss import evaluate_loss
+from ultramem_jax.evaluation.loss_report import markdown
 from ultramem_jax.evaluation.plots import line_plot
+from ultramem_jax.evaluation.restore import restore_run
 from ultramem_jax.parallel.mesh import MeshConfig, batch_sharding, make_mesh, use_mesh
-from ultramem_jax.training.loop import train
+from ultramem_jax.training.config import load_config
 from ultramem_jax.training.state import create_state
+from ultramem_jax.training.trainer import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -217,9 +220,6 @@ def test_cli_errors_exit_2(trained_run, text_dir, capsys):
 
 
 def test_default_positions_skip_a_corpus_without_long_documents(trained_run, text_dir):
-  from ultramem_jax.evaluation.loss import evaluate_loss, markdown  # noqa: PLC0415
-  from ultramem_jax.evaluation.restore import restore_run  # noqa: PLC0415
-
   run = restore_run(trained_run, None, [])
   name = str(text_dir)
   with pytest.raises(DataError, match=f"corpus {name!r}"):

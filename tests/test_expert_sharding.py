@@ -18,12 +18,12 @@ from jax.sharding import PartitionSpec as P
 
 from test_sharding import MESHES, close, collectives, run
 from ultramem_jax.config import ConfigError
-from ultramem_jax.training.config import load_config
+from ultramem_jax.model.abstract import abstract_model
 from ultramem_jax.model.moe import MoE
 from ultramem_jax.parallel import expert_sharding as ES
-from ultramem_jax.model.abstract import abstract_model
 from ultramem_jax.parallel.mesh import MeshConfig, check_layout, make_mesh, single_device_mesh, use_mesh
 from ultramem_jax.parallel.rules import logical_to_mesh
+from ultramem_jax.training.config import load_config
 
 E, D, F = 8, 32, 16   # experts, d_model, expert width: (8, 32, 16) is a weight
 

@@ -22,12 +22,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ultramem_jax.training.config import load_config
 from ultramem_jax.evaluation import sampling
 from ultramem_jax.evaluation.generate import TRACES, Sampler
 from ultramem_jax.model.transformer import build_model
 from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh
-from ultramem_jax.training.loop import train
+from ultramem_jax.training.config import load_config
+from ultramem_jax.training.trainer import train
 
 SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2",
          "model.vocab_size=257", "data.tokenizer=bytes"]

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from ultramem_jax.training.config import load_config
 from ultramem_jax.inspect import inspect_config
+from ultramem_jax.training.config import load_config
 
 
 def dense_formula(v, d, L, h, kv, hd, f, tied, seq):

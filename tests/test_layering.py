@@ -184,7 +184,7 @@ def project_sources() -> tuple[dict[str, str], set[str]]:
 
 def test_no_upward_import_no_cycle_and_every_module_placed():
   sources, packages = project_sources()
-  assert "ultramem_jax.training.loop" in sources and "train" in sources
+  assert "ultramem_jax.training.trainer" in sources and "train" in sources
   found = problems(sources, packages)
   assert not found, "\n".join(found)
 

@@ -11,13 +11,13 @@ import pytest
 from flax import nnx
 
 from ultramem_jax.config import to_dict
-from ultramem_jax.training.config import from_dict
 from ultramem_jax.model.ffn import SwiGLU
 from ultramem_jax.model.memory.init import calibrate_memory
-from ultramem_jax.model.memory.layer import MemoryLayer
 from ultramem_jax.model.memory.init import top1_scores
+from ultramem_jax.model.memory.layer import MemoryLayer
 from ultramem_jax.model.memory.layer import initial_value_std
 from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh
+from ultramem_jax.training.config import from_dict
 
 # The spec's worked example, UltraMemV2-227M's layer: d=768, inner 2496,
 # n=360, m=32, Dp=Dv=192, L=20. (The ratio below grows with n, as the top-m

@@ -16,12 +16,12 @@ from flax import nnx
 from memory_reference import reference_memory
 from memory_variants import RECIPE_NAMES, VARIANTS
 from ultramem_jax.config import ConfigError, to_dict
-from ultramem_jax.training.config import from_dict
 from ultramem_jax.memory_geometry import memory_geometry
-from ultramem_jax.model.memory.layer import MemoryLayer, MemoryTable
 from ultramem_jax.model.memory import retrieval as R
+from ultramem_jax.model.memory.layer import MemoryLayer, MemoryTable
 from ultramem_jax.model.memory.recipe import memory_recipe
 from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh
+from ultramem_jax.training.config import from_dict
 
 BASE = {"d_model": 16, "n_layers": 3, "n_heads": 2, "vocab_size": 32,
         "dtype": "float64", "param_dtype": "float64",

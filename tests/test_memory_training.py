@@ -15,17 +15,17 @@ from flax import nnx
 
 from memory_variants import TRAIN_V1 as V1
 from memory_variants import TRAIN_V2 as V2
-from ultramem_jax.training.config import load_config
 from ultramem_jax.data.pipeline import train_dataset
-from ultramem_jax.model.transformer import build_model
-from ultramem_jax.model.memory.layer import MemoryLayer, memory_layers
 from ultramem_jax.model.memory import retrieval as R
+from ultramem_jax.model.memory.layer import MemoryLayer, memory_layers
+from ultramem_jax.model.transformer import build_model
 from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh
 from ultramem_jax.training.checkpoint import Checkpointer, abstract_like
-from ultramem_jax.training.loop import train
+from ultramem_jax.training.config import load_config
 from ultramem_jax.training.optimizer import param_labels
 from ultramem_jax.training.state import create_state
 from ultramem_jax.training.step import make_train_step
+from ultramem_jax.training.trainer import train
 
 
 def config(tmp_path, source="wiki", memory=V2, extra=()):

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ultramem_jax.model.attention import Attention, rotary
 from ultramem_jax.model.config import ModelConfig
 from ultramem_jax.model.transformer import build_model
-from ultramem_jax.model.attention import Attention, rotary
 from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh
 from ultramem_jax.parallel.rules import RULES
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ultramem_jax.model.config import FFNConfig, ModelConfig, MoEConfig
-from ultramem_jax.model.transformer import Transformer, build_model
 from ultramem_jax.model.common import AuxLoss, LayerMetric
+from ultramem_jax.model.config import FFNConfig, ModelConfig, MoEConfig
 from ultramem_jax.model.ffn import build_ffn
 from ultramem_jax.model.moe import MoE, load_balance_loss
+from ultramem_jax.model.transformer import Transformer, build_model
 from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh
 
 D, E, K, F = 16, 8, 2, 8

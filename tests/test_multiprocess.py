@@ -25,9 +25,10 @@ import numpy as np
 import pytest
 
 from ultramem_jax.config import ConfigError
-from ultramem_jax.training.config import load_config
 from ultramem_jax.data.pipeline import eval_batches
-from ultramem_jax.training.loop import latest_checkpoint_step, train
+from ultramem_jax.training.config import load_config
+from ultramem_jax.training.run_dir import latest_checkpoint_step
+from ultramem_jax.training.trainer import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_V2 = ["--config", "configs/tiny_ultramem_v2.yaml",

@@ -25,9 +25,9 @@ from pallas_kernels import (product_key_topk, product_key_topk_reference,
 from pallas_kernels.backend import default_backend
 from pallas_kernels.lowering import lower_text
 from ultramem_jax.config import ConfigError
-from ultramem_jax.training.config import load_config
 from ultramem_jax.model.memory.layer import memory_layers, use_pallas
 from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh
+from ultramem_jax.training.config import load_config
 from ultramem_jax.training.state import create_state
 from ultramem_jax.training.step import loss_fn, make_train_step
 

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from ultramem_jax.config import ConfigError
-from ultramem_jax.training.config import load_config
 from ultramem_jax.data.pipeline import prepare_data
 from ultramem_jax.training.checkpoint import CheckpointMismatch
+from ultramem_jax.training.config import load_config
 from ultramem_jax.training.health import Diverged, HealthMonitor
-from ultramem_jax.training.loop import train
+from ultramem_jax.training.trainer import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2",

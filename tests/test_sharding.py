@@ -18,11 +18,11 @@ import pytest
 from flax import nnx
 
 from ultramem_jax.config import ConfigError
-from ultramem_jax.training.config import load_config
 from ultramem_jax.model.abstract import abstract_model
 from ultramem_jax.parallel.mesh import (MeshConfig, batch_sharding, check_layout, make_mesh,
                                         single_device_mesh, use_mesh)
 from ultramem_jax.parallel.rules import logical_to_mesh
+from ultramem_jax.training.config import load_config
 from ultramem_jax.training.state import create_state
 from ultramem_jax.training.step import loss_fn, make_train_step
 

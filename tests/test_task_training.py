@@ -21,7 +21,6 @@ import pytest
 from flax import nnx
 
 from ultramem_jax.config import ConfigError
-from ultramem_jax.training.config import load_config
 from ultramem_jax.data import task_data
 from ultramem_jax.data.pipeline import prepare_data
 from ultramem_jax.data.tokenizer import ByteTokenizer
@@ -30,9 +29,10 @@ from ultramem_jax.evaluation.task_report import write_report
 from ultramem_jax.evaluation.task_scores import BUCKETS, evaluate_tasks
 from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh
 from ultramem_jax.tasks import TASKS, TaskSource, TokenSpace, get_task
-from ultramem_jax.training.loop import train
+from ultramem_jax.training.config import load_config
 from ultramem_jax.training.state import create_state
 from ultramem_jax.training.step import loss_fn, token_losses
+from ultramem_jax.training.trainer import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

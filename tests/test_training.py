@@ -11,16 +11,16 @@ import pytest
 from flax import nnx
 
 from ultramem_jax.config import ConfigError
-from ultramem_jax.training.config import OptimizerConfig, ParamGroupConfig, load_config
 from ultramem_jax.data.pipeline import train_dataset
 from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh
 from ultramem_jax.training.checkpoint import Checkpointer, abstract_like
-from ultramem_jax.training.loop import train
+from ultramem_jax.training.config import OptimizerConfig, ParamGroupConfig, load_config
 from ultramem_jax.training.metrics import read_scalars
 from ultramem_jax.training.optimizer import (lr_schedule, make_optimizer,
                                              multiplier_schedule, param_labels)
 from ultramem_jax.training.state import create_state
 from ultramem_jax.training.step import make_train_step
+from ultramem_jax.training.trainer import train
 
 
 def tiny_config(tmp_path, source, **train_overrides):

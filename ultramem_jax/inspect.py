@@ -48,13 +48,13 @@ import jax
 from flax import nnx
 
 from ultramem_jax.config import ConfigError
-from ultramem_jax.training.config import Config, load_config
 from ultramem_jax.decode_cost import Param, decode_report
 from ultramem_jax.memory_geometry import memory_geometry
 from ultramem_jax.model.abstract import abstract_model, resolved_vocab
 from ultramem_jax.model.transformer import Transformer
 from ultramem_jax.parallel import collective_cost as CC
 from ultramem_jax.parallel.mesh import check_mesh
+from ultramem_jax.training.config import Config, load_config
 
 
 def _count(tree) -> int:

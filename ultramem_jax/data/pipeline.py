@@ -17,8 +17,8 @@ from typing import Callable, Iterator
 import grain
 import numpy as np
 
-from ultramem_jax.data.config import DataConfig
 from ultramem_jax.data import corpora
+from ultramem_jax.data.config import DataConfig
 from ultramem_jax.data.packing import pack_documents, split_documents, unigram_entropy
 from ultramem_jax.data.tokenizer import Tokenizer, train_tokenizer
 

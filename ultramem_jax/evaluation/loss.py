@@ -6,10 +6,11 @@ C --checkpoint RUN/checkpoints/N``; the tokenizer is the config's
 ``train.run_dir/tokenizer.json`` unless ``--tokenizer`` names one).
 
 Corpora (``--corpora``, default the run's ``data.source``) are corpus names
-or paths to the user's text. Each is read, split and tokenized as the
-training pipeline would for ``data.source=<corpus>`` with the run's
-``data`` settings (``max_documents``, ``val_fraction``, ``split_seed``) and
-the run's tokenizer, and only its validation documents are scored: for the
+or paths to the user's text (see ``evaluation/held_out.py``). Each is read,
+split and tokenized as the training pipeline would for
+``data.source=<corpus>`` with the run's ``data`` settings
+(``max_documents``, ``val_fraction``, ``split_seed``) and the run's
+tokenizer, and only its validation documents are scored: for the
 run's own source these are exactly its validation rows, and a corpus the
 model was trained on is still scored on documents it has not seen. With
 ``--all_documents`` the corpora other than the run's source are scored on
@@ -25,7 +26,8 @@ except in the default invocation (neither ``--context`` nor
 ``--position_corpora`` given), where it is left out with a note.
 
 Written to ``OUT/loss_step<N>.json``, ``.md`` and, with positions,
-``loss_by_position_step<N>.png``; OUT is ``--out``, else ``RUN/eval``.
+``loss_by_position_step<N>.png`` (``evaluation/loss_report.py``); OUT is
+``--out``, else ``RUN/eval``.
 """
 
 from __future__ import annotations
@@ -37,14 +39,25 @@ import math
 import pathlib
 import sys
 
+import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from ultramem_jax.config import ConfigError
 from ultramem_jax.data.corpora import CORPORA, DataError
-
-_MD_NOTE_BEYOND = ("positions at or beyond the trained sequence length ({seq_len}) "
-                   "were never trained on: rotary positions are extrapolated, "
-                   "not clipped")
+from ultramem_jax.data.packing import unigram_entropy
+from ultramem_jax.data.tokenizer import load_tokenizer
+from ultramem_jax.evaluation import positions as pos
+from ultramem_jax.evaluation.held_out import Corpus, load_corpus, packed_rows
+from ultramem_jax.evaluation.loss_report import write_report
+from ultramem_jax.evaluation.restore import (RestoredRun, load_run_config,
+                                             restore_run, restore_state)
+from ultramem_jax.parallel.mesh import batch_sharding, use_mesh
+from ultramem_jax.parallel.rules import batch_shards
+from ultramem_jax.training.config import from_dict, load_config
+from ultramem_jax.training.evaluate import evaluate
+from ultramem_jax.training.run_dir import RunDir, is_checkpoint_step, model_data_difference
+from ultramem_jax.training.step import make_eval_step
 
 
 def add_parser(sub) -> None:
@@ -121,22 +134,18 @@ def parse_buckets(text: str) -> int | None:
 # ----------------------------------------------------------------------------- restoring
 
 def restore_checkpoint(config: pathlib.Path, checkpoint: pathlib.Path,
-                       tokenizer: pathlib.Path | None, overrides: list[str]):
+                       tokenizer: pathlib.Path | None, overrides: list[str]
+                       ) -> RestoredRun:
   """A RestoredRun from a config file and a checkpoint step directory
-  (``.../checkpoints/<step>``). The config's model section must be the one
-  the checkpoint was trained with (as saved in the checkpoint)."""
-  from ultramem_jax.config import to_dict  # noqa: PLC0415
-  from ultramem_jax.training.config import from_dict, load_config  # noqa: PLC0415
-  from ultramem_jax.data.tokenizer import FILENAME, load_tokenizer  # noqa: PLC0415
-  from ultramem_jax.evaluation.restore import RestoredRun, restore_state  # noqa: PLC0415
-  from ultramem_jax.training.loop import first_difference  # noqa: PLC0415
-
+  (``.../checkpoints/<step>``). The config must describe the model and data
+  the checkpoint was trained with (as saved in the checkpoint; the rule of
+  ``run_dir.model_data_difference``)."""
   cfg = load_config(config, overrides)
   checkpoint = checkpoint.expanduser().absolute()
-  if not (checkpoint.name.isdigit() and (checkpoint / "_CHECKPOINT_METADATA").exists()):
+  if not is_checkpoint_step(checkpoint):
     raise ConfigError(f"--checkpoint: {str(checkpoint)!r} is not a checkpoint "
                       "step directory (expected RUN/checkpoints/<step>)")
-  tok_path = tokenizer or pathlib.Path(cfg.train.run_dir) / FILENAME
+  tok_path = tokenizer or RunDir(cfg.train.run_dir).tokenizer
   if not tok_path.is_file():
     raise ConfigError(f"--tokenizer: {str(tok_path)!r} does not exist; pass "
                       "the run's tokenizer.json with --tokenizer")
@@ -147,10 +156,7 @@ def restore_checkpoint(config: pathlib.Path, checkpoint: pathlib.Path,
   step = int(checkpoint.name)
   mesh, graphdef, state, meta = restore_state(cfg, checkpoint.parent, step)
   if "config" in meta:
-    def unify(m):  # how the memory layer is computed is not part of the model
-      return dataclasses.replace(m, memory=dataclasses.replace(m.memory, kernels="auto"))
-    saved = from_dict(meta["config"]).model
-    diff = first_difference(to_dict(unify(saved)), to_dict(unify(cfg.model)), "model")
+    diff = model_data_difference(from_dict(meta["config"]), cfg)
     if diff:
       name, a, b = diff
       raise ConfigError(f"--config: {name}: the checkpoint was trained with "
@@ -158,77 +164,9 @@ def restore_checkpoint(config: pathlib.Path, checkpoint: pathlib.Path,
   return RestoredRun(cfg, step, mesh, graphdef, state, tok)
 
 
-# ----------------------------------------------------------------------------- corpora
-
-def same_source(a: str, b: str) -> bool:
-  """Whether two data sources name the same corpus or path."""
-  if a == b:
-    return True
-  pa, pb = pathlib.Path(a).expanduser(), pathlib.Path(b).expanduser()
-  return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
-
-
-@dataclasses.dataclass
-class Corpus:
-  name: str
-  trained_on: bool  # the run's own data.source
-  selection: str  # which documents are scored, in words
-  token_docs: list[np.ndarray]
-
-
-def load_corpus(name: str, data_cfg, tokenizer, all_documents: bool = False) -> Corpus:
-  """The documents of corpus `name` that are scored, tokenized: the
-  validation documents that ``pipeline.prepare_data`` would make with
-  ``data.source=name`` and `data_cfg`'s other settings, or, with
-  `all_documents` and a corpus other than the run's source, all of them."""
-  from ultramem_jax.data import corpora  # noqa: PLC0415
-  from ultramem_jax.data.packing import split_documents  # noqa: PLC0415
-
-  skipped: list[str] | None = [] if data_cfg.on_decode_error == "skip" else None
-  try:
-    docs = corpora.load_documents(name, data_cfg.data_dir or None,
-                                  text_field=data_cfg.text_field, skipped=skipped)
-  except DataError as e:
-    raise DataError(f"corpus {name!r}: {e}") from None
-  trained_on = same_source(name, data_cfg.source)
-  if all_documents and not trained_on:
-    return Corpus(name, False, f"all {len(docs)} documents",
-                  tokenizer.encode_batch(docs))
-  total = len(docs)
-  if data_cfg.max_documents and len(docs) > data_cfg.max_documents:
-    keep = np.random.default_rng(data_cfg.split_seed).permutation(len(docs))
-    docs = [docs[i] for i in sorted(keep[:data_cfg.max_documents].tolist())]
-  try:
-    _, val_docs = split_documents(docs, data_cfg.val_fraction, data_cfg.split_seed)
-  except DataError as e:
-    raise DataError(f"corpus {name!r}: {e}") from None
-  kept = (f" of the {len(docs)} that data.max_documents keeps"
-          if len(docs) < total else "")
-  selection = (f"{len(val_docs)} validation documents of {total}{kept} "
-               f"(data.val_fraction={data_cfg.val_fraction}, "
-               f"data.split_seed={data_cfg.split_seed})")
-  return Corpus(name, trained_on, selection, tokenizer.encode_batch(val_docs))
-
-
-def packed_rows(corpus: Corpus, sep_id: int, seq_len: int) -> np.ndarray:
-  """The corpus's documents packed in order as validation rows are."""
-  from ultramem_jax.data.packing import pack_documents  # noqa: PLC0415
-
-  rows = pack_documents(corpus.token_docs, sep_id, seq_len, seed=None)
-  if len(rows) == 0:
-    n = sum(len(d) + 1 for d in corpus.token_docs)
-    raise DataError(f"corpus {corpus.name!r}: its {len(corpus.token_docs)} scored "
-                    f"documents hold {n} tokens, fewer than one sequence of "
-                    f"data.seq_len={seq_len}")
-  return rows
-
-
 # ----------------------------------------------------------------------------- evaluation
 
 def _bar(total: int, desc: str, enabled: bool):
-  import jax  # noqa: PLC0415
-  from tqdm.auto import tqdm  # noqa: PLC0415
-
   return tqdm(total=total, desc=desc, unit="tok", unit_scale=True,
               dynamic_ncols=True, mininterval=1.0, leave=False,
               disable=not enabled or jax.process_index() != 0)
@@ -238,8 +176,6 @@ def corpus_loss(eval_step, state, rows: np.ndarray, batch_size: int, sharding,
                 bar) -> tuple[float, int]:
   """(mean loss, target tokens) over `rows`, one batch at a time so that
   `bar` advances."""
-  from ultramem_jax.training.evaluate import evaluate  # noqa: PLC0415
-
   total, count = 0.0, 0
   for start in range(0, len(rows), batch_size):
     loss, n = evaluate(eval_step, state, rows[start:start + batch_size],
@@ -254,14 +190,75 @@ def position_batch_size(batch_size: int, seq_len: int, context: int,
                         mesh) -> int:
   """Rows per batch for windows of `context` tokens: about the tokens of a
   training batch, a multiple of the mesh's batch shards."""
-  from ultramem_jax.parallel.rules import batch_shards  # noqa: PLC0415
-
   shards = batch_shards(mesh.shape)
   rows = batch_size * seq_len // context // shards * shards
   return max(shards, rows)
 
 
-def evaluate_loss(run, corpora: list[str], position_corpora: list[str],
+def _windows(loaded: dict[str, Corpus], position_corpora: list[str], sep_id: int,
+             context: int, skip_short: bool) -> tuple[dict, dict]:
+  """({corpus: document windows}, {corpus left out: why})."""
+  windows, skipped = {}, {}
+  for name in position_corpora:
+    try:
+      windows[name] = pos.document_windows(loaded[name].token_docs, sep_id,
+                                           context, name)
+    except DataError as e:
+      if not skip_short:
+        raise
+      skipped[name] = str(e)
+  return windows, skipped
+
+
+def _corpus_scores(run: RestoredRun, eval_step, loaded: dict[str, Corpus],
+                   rows: dict[str, np.ndarray], sharding, progress: bool) -> dict:
+  """{corpus: loss, perplexity, tokens, unigram entropy, documents}."""
+  seq_len, batch_size = run.cfg.data.seq_len, run.cfg.data.batch_size
+  scores = {}
+  for name, c in loaded.items():
+    r = rows[name]
+    with _bar(len(r) * seq_len, f"loss {name}", progress) as bar:
+      loss, tokens = corpus_loss(eval_step, run.state, r, batch_size, sharding, bar)
+    scores[name] = {
+        "loss": loss, "perplexity": math.exp(loss), "tokens": tokens,
+        "unigram_entropy": unigram_entropy(r[:, 1:]),
+        "documents": len(c.token_docs), "selection": c.selection,
+        "trained_on": c.trained_on}
+  return scores
+
+
+def _position_scores(run: RestoredRun, windows: dict[str, np.ndarray],
+                     loaded: dict[str, Corpus], context: int,
+                     bucket_width: int | None, edges: list[tuple[int, int]],
+                     sharding, progress: bool) -> dict:
+  """The "positions" part of the report: loss by position per corpus, in
+  the buckets `edges` (of `bucket_width`)."""
+  seq_len = run.cfg.data.seq_len
+  position_step = pos.make_position_step(run.graphdef)
+  rows_per_batch = position_batch_size(run.cfg.data.batch_size, seq_len, context,
+                                       run.mesh)
+  by_corpus = {}
+  for name, w in windows.items():
+    with _bar(len(w) * context, f"positions {name}", progress) as bar:
+      sums, counts = pos.position_sums(position_step, run.state, w,
+                                       rows_per_batch, sharding, bar.update)
+    by_corpus[name] = {
+        "documents": len(w),
+        "documents_too_short": len(loaded[name].token_docs) - len(w),
+        **pos.early_late(sums, counts),
+        "buckets": pos.bucket_stats(sums, counts, edges)}
+  return {
+      "context": context, "trained_seq_len": seq_len,
+      "beyond_trained_length": context > seq_len,
+      "buckets": "pow2" if bucket_width is None else f"width {bucket_width}",
+      "window": ("per document of at least `context` tokens: the separator "
+                 "and its first context-1 tokens as inputs, its first "
+                 "`context` tokens as targets; position p has p document "
+                 "tokens before it"),
+      "corpora": by_corpus}
+
+
+def evaluate_loss(run: RestoredRun, corpora: list[str], position_corpora: list[str],
                   context: int, bucket_width: int | None,
                   all_documents: bool = False, progress: bool = True,
                   skip_short: bool = False) -> dict:
@@ -269,63 +266,26 @@ def evaluate_loss(run, corpora: list[str], position_corpora: list[str],
   `position_corpora`, loss by position over windows of `context`. A
   position corpus without a document of `context` tokens raises DataError,
   or with `skip_short` is left out and named under "positions_skipped"."""
-  from ultramem_jax.data.packing import unigram_entropy  # noqa: PLC0415
-  from ultramem_jax.evaluation import positions as pos  # noqa: PLC0415
-  from ultramem_jax.parallel.mesh import batch_sharding, use_mesh  # noqa: PLC0415
-  from ultramem_jax.training.step import make_eval_step  # noqa: PLC0415
-
   cfg, tok = run.cfg, run.tokenizer
-  seq_len, batch_size = cfg.data.seq_len, cfg.data.batch_size
   # Everything is read and checked before anything is evaluated.
   loaded = {name: load_corpus(name, cfg.data, tok, all_documents) for name in corpora}
-  rows = {name: packed_rows(c, tok.sep_id, seq_len) for name, c in loaded.items()}
-  windows, skipped = {}, {}
-  for name in position_corpora:
-    try:
-      windows[name] = pos.document_windows(loaded[name].token_docs, tok.sep_id,
-                                           context, name)
-    except DataError as e:
-      if not skip_short:
-        raise
-      skipped[name] = str(e)
+  rows = {name: packed_rows(c, tok.sep_id, cfg.data.seq_len)
+          for name, c in loaded.items()}
+  windows, skipped = _windows(loaded, position_corpora, tok.sep_id, context,
+                              skip_short)
   edges = pos.bucket_edges(context, bucket_width)
 
   result = {"step": run.step, "trained_source": cfg.data.source,
-            "seq_len": seq_len, "corpora": {}}
+            "seq_len": cfg.data.seq_len, "corpora": {}}
   sharding = batch_sharding(run.mesh)
   with use_mesh(run.mesh):
     eval_step = make_eval_step(run.graphdef)
-    for name, c in loaded.items():
-      r = rows[name]
-      with _bar(len(r) * seq_len, f"loss {name}", progress) as bar:
-        loss, tokens = corpus_loss(eval_step, run.state, r, batch_size, sharding, bar)
-      result["corpora"][name] = {
-          "loss": loss, "perplexity": math.exp(loss), "tokens": tokens,
-          "unigram_entropy": unigram_entropy(r[:, 1:]),
-          "documents": len(c.token_docs), "selection": c.selection,
-          "trained_on": c.trained_on}
+    result["corpora"] = _corpus_scores(run, eval_step, loaded, rows, sharding,
+                                       progress)
     if windows:
-      position_step = pos.make_position_step(run.graphdef)
-      rows_per_batch = position_batch_size(batch_size, seq_len, context, run.mesh)
-      by_corpus = {}
-      for name, w in windows.items():
-        with _bar(len(w) * context, f"positions {name}", progress) as bar:
-          sums, counts = pos.position_sums(position_step, run.state, w,
-                                           rows_per_batch, sharding, bar.update)
-        by_corpus[name] = {
-            "documents": len(w),
-            "documents_too_short": len(loaded[name].token_docs) - len(w),
-            **pos.early_late(sums, counts),
-            "buckets": pos.bucket_stats(sums, counts, edges)}
-      result["positions"] = {
-          "context": context, "trained_seq_len": seq_len,
-          "beyond_trained_length": context > seq_len,
-          "buckets": "pow2" if bucket_width is None else f"width {bucket_width}",
-          "window": ("per document of at least `context` tokens: the separator "
-                     "and its first context-1 tokens as inputs, its first "
-                     "`context` tokens as targets; position p has p document "
-                     "tokens before it"),
-          "corpora": by_corpus}
+      result["positions"] = _position_scores(run, windows, loaded, context,
+                                             bucket_width, edges, sharding,
+                                             progress)
   if skipped:
     result["positions_skipped"] = skipped
   # The run's own validation split also under the keys of the first version.
@@ -338,88 +298,11 @@ def evaluate_loss(run, corpora: list[str], position_corpora: list[str],
   return result
 
 
-# ----------------------------------------------------------------------------- report
+# ----------------------------------------------------------------------------- command
 
-def _fmt_positions(start: int, end: int) -> str:
-  return str(start) if end == start + 1 else f"{start}-{end - 1}"
-
-
-def markdown(result: dict) -> str:
-  """The report as markdown tables."""
-  lines = [f"Checkpoint `{result['checkpoint']}` (trained on "
-           f"`{result['trained_source']}`, seq_len {result['seq_len']}).", "",
-           "| corpus | documents | tokens | loss (nats/token) | perplexity | "
-           "unigram entropy |", "|---|---|---|---|---|---|"]
-  for name, c in result["corpora"].items():
-    lines.append(f"| {name} | {c['documents']} | {c['tokens']} | {c['loss']:.4f} | "
-                 f"{c['perplexity']:.2f} | {c['unigram_entropy']:.4f} |")
-  lines.append("")
-  for name, c in result["corpora"].items():
-    lines.append(f"- {name}: {c['selection']}"
-                 + (" (the run's training source)" if c["trained_on"] else ""))
-  p = result.get("positions")
-  for reason in result.get("positions_skipped", {}).values():
-    lines += ["", f"No loss by position: {reason}."]
-  if p:
-    names = list(p["corpora"])
-    lines += ["", f"Loss by position (nats/token), context {p['context']}, "
-              f"buckets {p['buckets']}; tokens per bucket in parentheses.", "",
-              "| positions | " + " | ".join(names) + " |",
-              "|---|" + "---|" * len(names)]
-    per = [p["corpora"][n]["buckets"] for n in names]
-    for i, b in enumerate(per[0]):
-      cells = [f"{bs[i]['loss']:.4f} ({bs[i]['tokens']})" for bs in per]
-      lines.append(f"| {_fmt_positions(b['start'], b['end'])} | " + " | ".join(cells) + " |")
-    for key, label in (("early_loss", "early {0}-{1}"), ("late_loss", "late {0}-{1}")):
-      span = p["corpora"][names[0]][key.replace("loss", "positions")]
-      cells = [f"{p['corpora'][n][key]:.4f}" for n in names]
-      lines.append(f"| {label.format(span[0], span[1] - 1)} | " + " | ".join(cells) + " |")
-    cells = [f"{p['corpora'][n]['late_minus_early']:+.4f}" for n in names]
-    lines.append("| late - early | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append("Documents (at least context tokens / shorter, left out): " + ", ".join(
-        f"{n} {p['corpora'][n]['documents']} / {p['corpora'][n]['documents_too_short']}"
-        for n in names) + ".")
-    if p["beyond_trained_length"]:
-      lines.append("Note: " + _MD_NOTE_BEYOND.format(seq_len=p["trained_seq_len"]) + ".")
-  return "\n".join(lines) + "\n"
-
-
-def plot_positions(result: dict, path: pathlib.Path) -> pathlib.Path:
-  """Mean loss per bucket against the bucket's middle position."""
-  from ultramem_jax.evaluation.plots import line_plot  # noqa: PLC0415
-
-  p = result["positions"]
-  series = {}
-  for name, c in p["corpora"].items():
-    xs = [(b["start"] + b["end"] - 1) / 2 for b in c["buckets"]]
-    series[name] = (xs, [b["loss"] for b in c["buckets"]])
-  vlines = ({f"trained length ({p['trained_seq_len']})": p["trained_seq_len"]}
-            if p["beyond_trained_length"] else None)
-  return line_plot(
-      path, series, xlabel="position in document (tokens before the target)",
-      ylabel="loss (nats/token)", vlines=vlines,
-      xscale="symlog" if p["buckets"] == "pow2" else "linear",
-      title=f"Loss by position, step {result['step']}")
-
-
-def write_report(out: pathlib.Path, result: dict) -> list[pathlib.Path]:
-  """Writes loss_step<N>.json and .md (and the position plot) under `out`."""
-  out.mkdir(parents=True, exist_ok=True)
-  stem = out / f"loss_step{result['step']}"
-  written = [stem.with_suffix(".json"), stem.with_suffix(".md")]
-  written[0].write_text(json.dumps(result, indent=2) + "\n")
-  written[1].write_text(markdown(result))
-  if "positions" in result:
-    written.append(plot_positions(result, out / f"loss_by_position_step{result['step']}.png"))
-  return written
-
-
-def run(args: argparse.Namespace) -> int:
-  import jax  # noqa: PLC0415
-
-  from ultramem_jax.evaluation.restore import load_run_config, restore_run  # noqa: PLC0415
-
+def _check_args(args: argparse.Namespace) -> bool:
+  """Whether the checkpoint is named by --config and --checkpoint (else
+  --run_dir); ConfigError for options that do not go together."""
   by_config = args.config is not None or args.checkpoint is not None
   if by_config == (args.run_dir is not None):
     raise ConfigError("give either --run_dir, or --config with --checkpoint")
@@ -430,6 +313,24 @@ def run(args: argparse.Namespace) -> int:
                       "names the step directory")
   if not by_config and args.tokenizer is not None:
     raise ConfigError("--tokenizer goes with --config; a run directory has its own")
+  return by_config
+
+
+def _position_corpora(args: argparse.Namespace, corpora: list[str]) -> list[str]:
+  if args.position_corpora is None:
+    return corpora  # those too short are skipped unless asked for
+  if args.position_corpora == "none":
+    return []
+  position_corpora = parse_corpora(args.position_corpora, "--position_corpora")
+  extra = [n for n in position_corpora if n not in corpora]
+  if extra:
+    raise DataError(f"--position_corpora: {extra[0]!r} is not one of "
+                    f"--corpora ({', '.join(corpora)})")
+  return position_corpora
+
+
+def run(args: argparse.Namespace) -> int:
+  by_config = _check_args(args)
   corpora = parse_corpora(args.corpora) if args.corpora is not None else None
   bucket_width = parse_buckets(args.buckets)
   if args.context is not None and args.context < 1:
@@ -445,19 +346,10 @@ def run(args: argparse.Namespace) -> int:
   else:
     run_ = restore_run(args.run_dir, args.step, args.overrides)
     where = {"run_dir": str(args.run_dir),
-             "checkpoint": str(args.run_dir / "checkpoints" / str(run_.step))}
+             "checkpoint": str(RunDir(args.run_dir).checkpoint(run_.step))}
     out = args.run_dir / "eval"
   corpora = corpora or [run_.cfg.data.source]
-  if args.position_corpora is None:
-    position_corpora = corpora  # those too short are skipped unless asked for
-  elif args.position_corpora == "none":
-    position_corpora = []
-  else:
-    position_corpora = parse_corpora(args.position_corpora, "--position_corpora")
-    extra = [n for n in position_corpora if n not in corpora]
-    if extra:
-      raise DataError(f"--position_corpora: {extra[0]!r} is not one of "
-                      f"--corpora ({', '.join(corpora)})")
+  position_corpora = _position_corpora(args, corpora)
   context = args.context or run_.cfg.data.seq_len
 
   result = evaluate_loss(run_, corpora, position_corpora, context, bucket_width,

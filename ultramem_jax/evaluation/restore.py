@@ -6,10 +6,13 @@ import dataclasses
 import pathlib
 from typing import Any
 
-import yaml
-
 from ultramem_jax.config import ConfigError, apply_overrides
+from ultramem_jax.data.tokenizer import load_tokenizer
+from ultramem_jax.parallel.mesh import make_mesh, use_mesh
+from ultramem_jax.training.checkpoint import Checkpointer, abstract_like
 from ultramem_jax.training.config import Config, from_dict
+from ultramem_jax.training.run_dir import RunDir, model_data_difference
+from ultramem_jax.training.state import create_state
 
 
 @dataclasses.dataclass
@@ -24,29 +27,30 @@ class RestoredRun:
 
 def load_run_config(run_dir: pathlib.Path, overrides: list[str]) -> Config:
   """The run's saved config with `overrides`, which may not change the
-  sections that define the model and its data."""
-  from ultramem_jax.training.loop import FIXED_SECTIONS, RunPaths  # noqa: PLC0415
-
-  paths = RunPaths(run_dir)
-  if not paths.config.exists():
-    raise ConfigError(f"--run_dir: {str(run_dir)!r} has no {paths.config.name}; "
+  model it trained or its data (``run_dir.model_data_difference``; the
+  memory kernels may change)."""
+  run = RunDir(run_dir)
+  if not run.config.exists():
+    raise ConfigError(f"--run_dir: {str(run_dir)!r} has no {run.config.name}; "
                       "expected the directory of a training run")
-  saved = yaml.safe_load(paths.config.read_text())
+  saved = run.saved_config()
   cfg, trained = from_dict(apply_overrides(saved, overrides)), from_dict(saved)
-  for section in FIXED_SECTIONS:
-    if getattr(cfg, section) != getattr(trained, section):
-      raise ConfigError(f"overrides may not change the {section} section of a "
-                        "trained run")
+  diff = model_data_difference(trained, cfg)
+  if diff:
+    name, a, b = diff
+    raise ConfigError(
+        f"{name}: the run has {a!r}, the overrides give {b!r}; overrides may "
+        f"not change the {name.split('.')[0]} section of a trained run "
+        "(model.memory.kernels may change)")
+  if not cfg.model.vocab_size:  # 0: the tokenizer's size, as trained
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, vocab_size=trained.model.vocab_size))
   return cfg
 
 
 def restore_state(cfg: Config, checkpoints: pathlib.Path, step: int):
   """(mesh, graphdef, state, saved meta) of checkpoint `step` in the
   `checkpoints` directory, restored onto the mesh of `cfg`."""
-  from ultramem_jax.parallel.mesh import make_mesh, use_mesh  # noqa: PLC0415
-  from ultramem_jax.training.checkpoint import Checkpointer, abstract_like  # noqa: PLC0415
-  from ultramem_jax.training.state import create_state  # noqa: PLC0415
-
   mesh = make_mesh(cfg.mesh)
   checkpointer = Checkpointer(checkpoints, cfg.train.max_to_keep)
   try:
@@ -64,18 +68,15 @@ def restore_run(run_dir: pathlib.Path, step: int | None,
   """Restores checkpoint `step` (the latest when None) of a run onto the
   mesh of its config (as overridden). Call inside nothing; the returned
   mesh is to be entered with ``use_mesh`` for computations on the state."""
-  from ultramem_jax.data.tokenizer import load_tokenizer  # noqa: PLC0415
-  from ultramem_jax.training.loop import RunPaths, checkpoint_steps  # noqa: PLC0415
-
   cfg = load_run_config(run_dir, overrides)
-  paths = RunPaths(run_dir)
-  steps = checkpoint_steps(run_dir)
+  run = RunDir(run_dir)
+  steps = run.checkpoint_steps()
   if not steps:
     raise ConfigError(f"--run_dir: {str(run_dir)!r} holds no checkpoint")
   if step is None:
     step = steps[-1]
   elif step not in steps:
     raise ConfigError(f"--step: got {step}; the run has checkpoints at steps {steps}")
-  mesh, graphdef, state, _ = restore_state(cfg, paths.checkpoints, step)
+  mesh, graphdef, state, _ = restore_state(cfg, run.checkpoints, step)
   return RestoredRun(cfg, step, mesh, graphdef, state,
-                     load_tokenizer(paths.tokenizer))
+                     load_tokenizer(run.tokenizer))

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ultramem_jax.model.config import ModelConfig
 from ultramem_jax.model.common import dtype_of, linear_std, normal_param, output_std
+from ultramem_jax.model.config import ModelConfig
 
 FFN_KINDS: dict[str, Callable[..., nnx.Module]] = {}
 

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from ultramem_jax.model.config import ModelConfig
 from ultramem_jax.model.common import dtype_of
+from ultramem_jax.model.config import ModelConfig
 from ultramem_jax.parallel.rules import constrain
 
 # Cache buffers are split over the batch like the activations.

@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ultramem_jax.model.config import ModelConfig
 from ultramem_jax.model.common import (AuxLoss, LayerMetric, dtype_of,
                                        linear_std, normal_param, output_std)
+from ultramem_jax.model.config import ModelConfig
 from ultramem_jax.model.ffn import SwiGLU, register_ffn
 from ultramem_jax.parallel import expert_sharding as ES
 from ultramem_jax.parallel import tokens

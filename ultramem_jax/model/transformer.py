@@ -6,14 +6,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ultramem_jax.model.config import ModelConfig
 from ultramem_jax.memory_geometry import memory_geometry
+from ultramem_jax.model import moe as _moe  # noqa: F401  registers ffn kind "moe"
 from ultramem_jax.model.attention import Attention
 from ultramem_jax.model.common import (LayerMetric, RMSNorm, dtype_of,
                                        linear_std, normal_param)
+from ultramem_jax.model.config import ModelConfig
 from ultramem_jax.model.ffn import build_ffn
 from ultramem_jax.model.kv_cache import KVCache, LayerCache
-from ultramem_jax.model import moe as _moe  # noqa: F401  registers ffn kind "moe"
 from ultramem_jax.model.memory.init import calibrate_memory
 from ultramem_jax.model.memory.layer import MemoryLayer, MemoryTable
 from ultramem_jax.parallel.rules import constrain

@@ -88,18 +88,22 @@ def mesh_sizes(cfg: MeshConfig, n_devices: int | None = None) -> dict[str, int]:
                       "sizes the mesh for N devices)") from None
 
 
-def check_mesh(cfg: Any, model: Any, n_devices: int | None = None, *,
+def check_mesh(cfg: Any, model: Any | None, n_devices: int | None = None, *,
                batch: bool = True) -> dict[str, int]:
   """The one check of the mesh of the root config `cfg` against its data
   and `model` (the abstract Transformer, ``model/abstract.py``): returns the
   axis sizes over `n_devices` (see ``mesh_sizes``) or raises ConfigError
   naming the key. `batch`: also check that data.batch_size splits over the
-  batch axes (training; ``inspect`` counts a model, it has no batch)."""
+  batch axes (training; ``inspect`` counts a model, it has no batch).
+  `model` None checks the sizes and the batch alone: training does that
+  first, before it reads any data, and checks the layout once the
+  tokenizer has fixed the vocabulary."""
   validate_mesh(cfg.mesh)
   sizes = mesh_sizes(cfg.mesh, n_devices)
   if batch:
     check_batch(cfg.data.batch_size, sizes)
-  check_layout(cfg.model, sizes, model)
+  if model is not None:
+    check_layout(cfg.model, sizes, model)
   return sizes
 
 

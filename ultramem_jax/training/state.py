@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from ultramem_jax.training.config import Config
 from ultramem_jax.model.transformer import build_model
+from ultramem_jax.training.config import Config
 from ultramem_jax.training.optimizer import make_optimizer
 
 

@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ultramem_jax.model.config import ModelConfig
 from ultramem_jax.memory_geometry import memory_geometry
 from ultramem_jax.model.common import dtype_of, normal_param
+from ultramem_jax.model.config import ModelConfig
 from ultramem_jax.model.memory import retrieval as R
 from ultramem_jax.model.memory.recipe import memory_recipe
 # MemoryBuffer is re-exported (model.memory imports it from here).

@@ -1,0 +1,252 @@
+"""Preparing a training run: what it needs before its first step.
+
+In order: the checks of the run directory, the data (with the saved
+tokenizer when resuming), the mesh check, the mesh; then the run directory
+is written (config and tokenizer); then, under the mesh and with SIGTERM /
+SIGINT turned into a stop request, the train state is built or restored,
+the data iterator placed, the train step compiled and the metric writers
+opened. Everything that can be wrong with the inputs (config, mesh, run
+directory, data) is checked before the model is built or anything is
+compiled, and before anything in the run directory is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from typing import Callable, Iterator
+
+import grain
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ultramem_jax.config import ConfigError
+from ultramem_jax.data import task_data
+from ultramem_jax.data.corpora import DataError
+from ultramem_jax.data.pipeline import TextData, prepare_data, train_dataset
+from ultramem_jax.data.tokenizer import load_tokenizer
+from ultramem_jax.model.abstract import abstract_model
+from ultramem_jax.parallel.distributed import barrier, batch_shard, processes_differing
+from ultramem_jax.parallel.mesh import batch_sharding, check_mesh, make_mesh, use_mesh
+from ultramem_jax.training.checkpoint import Checkpointer, abstract_like
+from ultramem_jax.training.config import Config, fault_steps, save_config
+from ultramem_jax.training.evaluate import shard_batch
+from ultramem_jax.training.guards import check_writable
+from ultramem_jax.training.metrics import ScalarWriter
+from ultramem_jax.training.run_dir import RunDir, check_resume
+from ultramem_jax.training.signals import StopRequest
+from ultramem_jax.training.state import create_state, param_count
+from ultramem_jax.training.step import make_eval_step, make_train_step
+
+Log = Callable[[str], None]
+
+
+@dataclasses.dataclass
+class Prepared:
+  """What a run needs, checked and built.
+
+  Attributes:
+    cfg: the config, with the tokenizer's vocabulary size filled in.
+    run_dir: the run directory.
+    data: the text data (rows, tokenizer, statistics).
+    tasks: the task data with ``data.tasks``, else None.
+    mesh, sharding: the device mesh and the batch sharding over it.
+    graphdef, state: the train state (model and optimizer) at `step`,
+      restored from the latest readable checkpoint when resuming.
+    data_iter: this process's batches, placed after `step`.
+    checkpointer: the run's checkpoints.
+    train_step, eval_step: the compiled train step and the eval step.
+    first_batch: the batch of step ``step + 1`` (the one compiled with).
+    writer: TensorBoard and metrics.jsonl (written by process 0 only).
+    stop: set by SIGTERM / SIGINT while the run is prepared.
+  """
+
+  cfg: Config
+  run_dir: RunDir
+  data: TextData
+  tasks: task_data.TaskData | None
+  mesh: jax.sharding.Mesh
+  sharding: jax.sharding.NamedSharding
+  graphdef: nnx.GraphDef
+  state: nnx.State
+  step: int
+  data_iter: grain.DatasetIterator
+  checkpointer: Checkpointer
+  train_step: Callable
+  eval_step: Callable
+  first_batch: dict
+  writer: ScalarWriter
+  stop: StopRequest
+
+  @property
+  def is_main(self) -> bool:
+    return jax.process_index() == 0
+
+  @property
+  def trains_text(self) -> bool:
+    return self.tasks is None or self.tasks.trains_text
+
+  @property
+  def task_tokens(self) -> str:
+    return ("answer tokens" if self.cfg.data.task_loss == "answers"
+            else "instance tokens")
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _resolve_vocab(cfg: Config, vocab_size: int) -> Config:
+  if cfg.model.vocab_size == 0:
+    model = dataclasses.replace(cfg.model, vocab_size=vocab_size)
+    return dataclasses.replace(cfg, model=model)
+  if cfg.model.vocab_size < vocab_size:
+    raise ConfigError(
+        f"model.vocab_size: got {cfg.model.vocab_size}; the tokenizer has "
+        f"{vocab_size} entries (use 0 to take the tokenizer's size)")
+  return cfg
+
+
+def _check_same_data(data: TextData) -> None:
+  """Each process prepared the data itself; one that differs (other files
+  under data.source, another tokenizer) would train on other rows."""
+  differing = processes_differing(data.train_rows, data.val_rows)
+  if differing:
+    raise DataError(
+        f"data.source: process(es) {differing} prepared other data than process "
+        "0 (other files, or another tokenizer); every host needs the same "
+        "data.source contents and the same train.run_dir")
+
+
+# ----------------------------------------------------------------------------- data
+
+def _load_data(cfg: Config, run: RunDir, resume_step: int | None, log: Log
+               ) -> tuple[Config, TextData, task_data.TaskData | None, bool]:
+  """(cfg with the vocabulary resolved, text data, task data or None,
+  whether the tokenizer is new, i.e. not the resumed run's saved one)."""
+  tokenizer = None
+  if resume_step is not None and run.tokenizer.exists():
+    tokenizer = load_tokenizer(run.tokenizer)
+  data = prepare_data(cfg.data, tokenizer=tokenizer, log=log)
+  cfg = _resolve_vocab(cfg, data.tokenizer.vocab_size)
+  tasks = (task_data.build(cfg.data, data, cfg.train.seed) if cfg.data.tasks
+           else None)
+  if tasks is not None:
+    task_tokens = ("answer tokens" if cfg.data.task_loss == "answers"
+                   else "instance tokens")
+    log(f"data.tasks: {cfg.data.tasks}: {tasks.text_share:.0%} text rows; "
+        f"tasks {dict(zip(tasks.mixture.names, tasks.mixture.probs.tolist()))}"
+        f"; loss on {task_tokens}; {tasks.space.describe()}")
+  return cfg, data, tasks, tokenizer is None
+
+
+def _dataset(cfg: Config, data: TextData, tasks: task_data.TaskData | None,
+             sharding) -> grain.MapDataset:
+  """This process's part of every global batch."""
+  shard_index, shard_count = batch_shard(sharding, cfg.data.batch_size)
+  if tasks is None:
+    return train_dataset(data.train_rows, cfg.data.batch_size,
+                         seed=cfg.train.seed, process_index=shard_index,
+                         process_count=shard_count)
+  return task_data.train_dataset(cfg.data, tasks, data.train_rows,
+                                 cfg.train.seed, shard_index, shard_count)
+
+
+def next_batch(data_iter: grain.DatasetIterator, sharding, batch_size: int,
+               faults: frozenset[int], at_step: int) -> dict:
+  """The batch of step `at_step` on the mesh; with `faults` (the steps of
+  ``train.fault_nan_steps``, a test hook) a NaN objective at those steps."""
+  batch = shard_batch(next(data_iter), sharding, batch_size)
+  if faults:
+    batch["nan_fault"] = jnp.float32(math.nan if at_step in faults else 0.0)
+  return batch
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _write_run_dir(cfg: Config, run: RunDir, data: TextData, new_tokenizer: bool,
+                   replace: bool, log: Log) -> None:
+  """Process 0 moves an old run aside when asked and writes the config and
+  the tokenizer; the others wait, so that every process has decided on
+  resuming before the directory changes."""
+  barrier("run directory checked")
+  if jax.process_index() == 0:
+    if replace:
+      log(f"train.overwrite: moved the previous run to {run.move_aside()}")
+    run.root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run.config)
+    if new_tokenizer:
+      data.tokenizer.save(run.tokenizer)
+  barrier("run directory written")
+
+
+def _describe_mesh(mesh, shard_index: int, shard_count: int) -> str:
+  return (f"mesh: {dict(mesh.shape)} over {jax.device_count()} "
+          f"{jax.default_backend()} device(s), {jax.process_count()} process(es)"
+          + (f"; this process reads part {shard_index + 1} of {shard_count} of "
+             "each batch" if jax.process_count() > 1 else ""))
+
+
+# ----------------------------------------------------------------------------- building
+
+def _restore(checkpointer: Checkpointer, run: RunDir, state: nnx.State,
+             data_iter: grain.DatasetIterator, log: Log) -> tuple[int, nnx.State]:
+  """(step, state) of the newest readable checkpoint, moving `data_iter`
+  to its position; (0, `state`) when none is left."""
+  found = checkpointer.restore_latest(abstract_like(state), data_iter, log=log)
+  if found is None:
+    log("no readable checkpoint left; starting from step 0")
+    return 0, state
+  step, state, _ = found
+  log(f"resumed from {run.checkpoint(step)}")
+  return step, state
+
+
+def _build(cfg: Config, run: RunDir, data: TextData,
+           tasks: task_data.TaskData | None, mesh, resume_step: int | None,
+           stop: StopRequest, log: Log) -> Prepared:
+  """The state (restored when resuming), the data iterator, the compiled
+  step and the writers; called under the mesh."""
+  sharding = batch_sharding(mesh)
+  graphdef, state = create_state(cfg)
+  log(f"model: {param_count(state):,} parameters; data: {data.stats}")
+  data_iter = iter(_dataset(cfg, data, tasks, sharding))
+  checkpointer = Checkpointer(run.checkpoints, cfg.train.max_to_keep)
+  step = 0
+  if resume_step is not None:
+    step, state = _restore(checkpointer, run, state, data_iter, log)
+  eval_step = make_eval_step(graphdef)
+  t0 = time.perf_counter()
+  first = next_batch(data_iter, sharding, cfg.data.batch_size,
+                     fault_steps(cfg.train), step + 1)
+  train_step = make_train_step(graphdef, cfg.train.log_every).lower(state, first).compile()
+  log(f"compiled the train step in {time.perf_counter() - t0:.1f}s")
+  writer = ScalarWriter(run.tensorboard, run.metrics,
+                        enabled=jax.process_index() == 0)
+  return Prepared(cfg, run, data, tasks, mesh, sharding, graphdef, state, step,
+                  data_iter, checkpointer, train_step, eval_step, first, writer,
+                  stop)
+
+
+@contextlib.contextmanager
+def prepare(cfg: Config, log: Log) -> Iterator[Prepared]:
+  """Checks, loads and builds what the run of `cfg` needs; yields it while
+  the mesh is in use and SIGTERM / SIGINT ask the run to stop (see
+  training/signals.py)."""
+  run = RunDir(cfg.train.run_dir)
+  check_mesh(cfg, None, jax.device_count())  # sizes and batch: before any data
+  check_writable(run.root)
+  resume_step, replace = check_resume(cfg)
+  if resume_step is not None:
+    run.check_process_count(resume_step)
+  cfg, data, tasks, new_tokenizer = _load_data(cfg, run, resume_step, log)
+  check_mesh(cfg, abstract_model(cfg), jax.device_count(), batch=False)
+  mesh = make_mesh(cfg.mesh)
+  shard = batch_shard(batch_sharding(mesh), cfg.data.batch_size)
+  _check_same_data(data)
+  _write_run_dir(cfg, run, data, new_tokenizer, replace, log)
+  log(_describe_mesh(mesh, *shard))
+  with use_mesh(mesh), StopRequest(log) as stop:
+    yield _build(cfg, run, data, tasks, mesh, resume_step, stop, log)
+
