@@ -20,7 +20,10 @@ import sys
 
 from ultramem_jax.config import ConfigError
 from ultramem_jax.data.corpora import DataError
+from ultramem_jax.parallel import distributed
 from ultramem_jax.training.config import load_config
+from ultramem_jax.training.health import Diverged
+from ultramem_jax.training.trainer import train
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
   try:
     cfg = load_config(args.config, args.overrides)
     # The distributed runtime starts only after the config checks.
-    from ultramem_jax.parallel import distributed  # noqa: PLC0415
     launch = distributed.Launch(args.distributed, args.coordinator,
                                 args.num_processes, args.process_id)
     problem = distributed.launch_error(launch)
@@ -60,8 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     if launch.enabled:  # before anything touches a JAX device
       distributed.initialize(launch)
       print(distributed.describe(), flush=True)
-    from ultramem_jax.training.health import Diverged  # noqa: PLC0415
-    from ultramem_jax.training.trainer import train  # noqa: PLC0415
   except (ConfigError, DataError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

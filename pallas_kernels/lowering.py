@@ -14,14 +14,13 @@ TPU's own.
 from __future__ import annotations
 
 import jax
+from jax._src.pallas.mosaic import tpu_info  # private: the JAX version is pinned
 from jax.experimental.pallas import tpu as pltpu
 
 
 def register_cpu_as_tpu(chip: str = "v5e") -> None:
   """Make Mosaic treat the default CPU device as a single-core TPU `chip`
   when it asks for hardware facts during lowering."""
-  from jax._src.pallas.mosaic import tpu_info  # private: JAX version pinned
-
   version = pltpu.ChipVersion(chip)
   for device in jax.devices("cpu")[:1]:
     tpu_info.registry[device.device_kind] = (

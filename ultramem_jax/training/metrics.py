@@ -8,7 +8,7 @@ import pathlib
 import time
 
 import numpy as np
-
+from matplotlib.figure import Figure
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from tqdm import tqdm
@@ -87,11 +87,8 @@ def read_scalars(jsonl: str | pathlib.Path, tag: str) -> tuple[list[int], list[f
 def plot_losses(jsonl: str | pathlib.Path, png: str | pathlib.Path,
                 reference: float | None = None) -> None:
   """Training and validation loss against step, written as a PNG."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+  fig = Figure(figsize=(7, 4.5), dpi=100)
+  ax = fig.subplots()
   steps, loss = read_scalars(jsonl, "train/loss")
   ax.plot(steps, loss, lw=1, label="train loss")
   steps, val = read_scalars(jsonl, "val/loss")
@@ -105,7 +102,6 @@ def plot_losses(jsonl: str | pathlib.Path, png: str | pathlib.Path,
   ax.legend()
   fig.tight_layout()
   fig.savefig(png)
-  plt.close(fig)
 
 
 class Progress:
