@@ -12,19 +12,25 @@ are merged key by key, anything else is replaced. Command-line overrides are
 
 Every problem (an unknown key, a value of the wrong type, an impossible
 combination) raises :class:`ConfigError` naming the key, the value and what
-is allowed, before anything is built or compiled. This module is the lowest
-layer of the package: it imports nothing from it, so every layer can use it.
+is allowed, before anything is built or compiled. A number must be finite
+(``.inf`` and ``.nan`` are refused for every float key). A key typed
+:data:`PathStr` holds a file system path: a leading ``~`` is expanded when
+the config is built, so ``train.run_dir: ~/runs/x`` means the home
+directory, as ``data.source`` always did. This module is the lowest layer
+of the package: it imports nothing from it, so every layer can use it.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import pathlib
+import tempfile
 import types
 import typing
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
@@ -33,10 +39,38 @@ class ConfigError(ValueError):
   """A configuration value that cannot be used; the message names the key."""
 
 
+# A config value that is a file system path: built as a string with a
+# leading ``~`` expanded (``os.path.expanduser``).
+PATH_MARK = "path"
+PathStr = Annotated[str, PATH_MARK]
+
+
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:
   """Raises ConfigError "`key`: got `value`; `allowed`" unless `ok`."""
   if not ok:
     raise ConfigError(f"{key}: got {value!r}; {allowed}")
+
+
+def require_writable_dir(path: str | os.PathLike, key: str) -> None:
+  """ConfigError naming `key` unless the directory `path` exists or can be
+  created, and accepts new files: the nearest existing ancestor must be a
+  directory in which a probe directory can be made (a real write, so it
+  also holds for root, for whom permission bits do not forbid writing)."""
+  path = pathlib.Path(path)
+  probe_in = path
+  while not probe_in.exists():
+    if probe_in.parent == probe_in:
+      break
+    probe_in = probe_in.parent
+  if not probe_in.is_dir():
+    what = "is not a directory" if probe_in == path else (
+        f"cannot be created: {str(probe_in)!r} is not a directory")
+    raise ConfigError(f"{key}: {str(path)!r} {what}")
+  try:
+    pathlib.Path(tempfile.mkdtemp(prefix=".write-probe-", dir=probe_in)).rmdir()
+  except OSError as e:
+    raise ConfigError(f"{key}: {str(path)!r} is not writable "
+                      f"({e.strerror} in {str(probe_in)!r})") from None
 
 
 # --------------------------------------------------------------------------
@@ -46,6 +80,8 @@ def require(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 def _type_name(tp: Any) -> str:
   origin = typing.get_origin(tp)
+  if origin is Annotated:
+    return _type_name(typing.get_args(tp)[0])
   if origin is Literal:
     return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
   if origin in (typing.Union, types.UnionType):
@@ -68,6 +104,10 @@ def _build(tp: Any, value: Any, key: str) -> Any:
   origin = typing.get_origin(tp)
   bad = ConfigError(
       f"{key}: got {value!r} ({type(value).__name__}); expected {_type_name(tp)}")
+  if origin is Annotated:
+    base, *marks = typing.get_args(tp)
+    built = _build(base, value, key)
+    return os.path.expanduser(built) if PATH_MARK in marks else built
   if dataclasses.is_dataclass(tp):
     if not isinstance(value, dict):
       raise bad
@@ -106,12 +146,17 @@ def _build(tp: Any, value: Any, key: str) -> Any:
     # YAML 1.1 reads `1e-3` (no dot) as a string; accept such numbers.
     if isinstance(value, str):
       try:
-        return float(value)
+        number = float(value)
       except ValueError:
         raise bad from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
       raise bad
-    return float(value)
+    else:
+      number = float(value)
+    # No float key gives inf or nan a meaning; they would only surface as
+    # a diverged or silently broken run.
+    require(math.isfinite(number), key, value, "must be a finite number")
+    return number
   if tp is str:
     if not isinstance(value, str):
       raise bad
@@ -125,7 +170,7 @@ def build_dataclass(cls: type, values: dict, prefix: str = "") -> Any:
   """An instance of the dataclass `cls` from the plain mapping `values`;
   every key must be a field, every value of the field's type. `prefix` is
   the dotted key of `values` in the whole config (for the messages)."""
-  hints = typing.get_type_hints(cls)
+  hints = typing.get_type_hints(cls, include_extras=True)
   names = [f.name for f in dataclasses.fields(cls)]
   kwargs = {}
   for k, v in values.items():
@@ -161,6 +206,9 @@ def read_yaml(path: str | os.PathLike,
   path = pathlib.Path(path).resolve()
   if path in seen:
     raise ConfigError(f"base: {path} is included in a cycle")
+  if path.is_dir():
+    raise ConfigError(f"config file {str(path)!r} is a directory; expected a "
+                      "YAML file")
   if not path.is_file():
     raise ConfigError(f"config file {str(path)!r} does not exist")
   try:

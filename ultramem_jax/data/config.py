@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ultramem_jax.config import ConfigError, require
+from ultramem_jax.config import ConfigError, PathStr, require
 from ultramem_jax.tasks import TASKS, TaskError, TokenSpace, get_task, parse_mixture
 
 
@@ -19,11 +19,13 @@ class DataConfig:
   """Where the text comes from and how it becomes batches (``data``)."""
 
   # A corpus name (wiki, sotu, brown, pydoc) or a path to user text: a plain
-  # text file (one document), a JSON-lines file or a directory of them.
-  source: str = "wiki"
+  # text file (one document), a JSON-lines file or a directory of them
+  # (a leading ~ is expanded, as for every path-valued key).
+  source: PathStr = "wiki"
   # Where fetched corpora are cached; "" means $ULTRAMEM_DATA_DIR or
-  # ~/.cache/ultramem_jax (never inside the repository).
-  data_dir: str = ""
+  # ~/.cache/ultramem_jax (never inside the repository). It must be a
+  # directory that can be created and written when a corpus is fetched.
+  data_dir: PathStr = ""
   text_field: str = "text"
   tokenizer: Literal["bpe", "bytes"] = "bpe"
   # Target size of the BPE vocabulary (special tokens included).

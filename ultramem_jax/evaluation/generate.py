@@ -33,13 +33,17 @@ import numpy as np
 from flax import nnx
 
 from ultramem_jax.config import ConfigError
-from ultramem_jax.evaluation.restore import restore_run
+from ultramem_jax.data.tokenizer import load_tokenizer
+from ultramem_jax.evaluation.restore import load_run_config, restore_run
 from ultramem_jax.evaluation.sampling import sample, step_keys
+from ultramem_jax.model.abstract import abstract_model
 from ultramem_jax.model.config import ModelConfig
 from ultramem_jax.model.kv_cache import KVCache
 from ultramem_jax.parallel.mesh import use_mesh
 from ultramem_jax.parallel.tokens import token_shards
+from ultramem_jax.training.memory_budget import check_generate_memory
 from ultramem_jax.training.metrics import Progress
+from ultramem_jax.training.run_dir import RunDir
 
 
 def add_parser(sub) -> None:
@@ -226,13 +230,29 @@ def model_only(graphdef: nnx.GraphDef, state: nnx.State
   return nnx.split(model)
 
 
+def _check_fits(args: argparse.Namespace, prompts: list[str]) -> list[np.ndarray]:
+  """The prompts' ids (after the separator); ConfigError when the key/value
+  cache for them and --max_new_tokens cannot fit (training/memory_budget.py),
+  checked from the saved config and the abstract model."""
+  cfg = load_run_config(args.run_dir, args.overrides)
+  tok_path = RunDir(args.run_dir).tokenizer
+  if not tok_path.is_file():
+    raise ConfigError(f"--run_dir: {str(args.run_dir)!r} has no {tok_path.name}; "
+                      "expected the directory of a training run")
+  tok = load_tokenizer(tok_path)
+  ids = [np.concatenate([[tok.sep_id], p]).astype(np.int32)
+         for p in tok.encode_batch(prompts)]
+  check_generate_memory(cfg, abstract_model(cfg), len(ids),
+                        max(len(p) for p in ids), args.max_new_tokens)
+  return ids
+
+
 def run(args: argparse.Namespace) -> int:
   check_sampling(args.temperature, args.top_p, args.max_new_tokens)
   prompts = read_prompts(args)
+  ids = _check_fits(args, prompts)  # before anything is restored or allocated
   restored = restore_run(args.run_dir, args.step, args.overrides)
   tok = restored.tokenizer
-  ids = [np.concatenate([[tok.sep_id], p]).astype(np.int32)
-         for p in tok.encode_batch(prompts)]
   cfg = restored.cfg
   longest = max(len(p) for p in ids) + args.max_new_tokens - 1
   if longest > cfg.data.seq_len:

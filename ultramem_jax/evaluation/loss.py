@@ -50,8 +50,9 @@ from ultramem_jax.data.tokenizer import load_tokenizer
 from ultramem_jax.evaluation import positions as pos
 from ultramem_jax.evaluation.held_out import Corpus, load_corpus, packed_rows
 from ultramem_jax.evaluation.loss_report import write_report
-from ultramem_jax.evaluation.restore import (RestoredRun, load_run_config,
-                                             restore_run, restore_state)
+from ultramem_jax.evaluation.restore import (RestoredRun, check_out_dir,
+                                             load_run_config, restore_run,
+                                             restore_state)
 from ultramem_jax.parallel.mesh import batch_sharding, use_mesh
 from ultramem_jax.parallel.rules import batch_shards
 from ultramem_jax.training.config import from_dict, load_config
@@ -101,6 +102,7 @@ def add_parser(sub) -> None:
 
 
 # ----------------------------------------------------------------------------- arguments
+
 
 def parse_corpora(text: str, flag: str = "--corpora") -> list[str]:
   """Comma-separated corpus names or existing paths; DataError for others."""
@@ -337,12 +339,17 @@ def run(args: argparse.Namespace) -> int:
     raise ConfigError(f"--context: got {args.context}; expected at least 1")
   if not by_config:
     load_run_config(args.run_dir, args.overrides)  # a bad directory fails fast
+  # Where the report goes is checked before anything is evaluated.
+  if args.out is not None or not by_config:
+    check_out_dir(args.out, args.run_dir)
 
   if by_config:
     run_ = restore_checkpoint(args.config, args.checkpoint, args.tokenizer,
                               args.overrides)
     where = {"run_dir": None, "checkpoint": str(args.checkpoint)}
     out = pathlib.Path(run_.cfg.train.run_dir) / "eval"
+    if args.out is None:
+      check_out_dir(None, out.parent)
   else:
     run_ = restore_run(args.run_dir, args.step, args.overrides)
     where = {"run_dir": str(args.run_dir),

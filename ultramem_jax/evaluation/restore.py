@@ -1,4 +1,5 @@
-"""A trained run's config, tokenizer and checkpointed state, for evaluation."""
+"""A trained run's config, tokenizer and checkpointed state, for evaluation,
+and the check that its reports can be written."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import dataclasses
 import pathlib
 from typing import Any
 
-from ultramem_jax.config import ConfigError, apply_overrides
+from ultramem_jax.config import ConfigError, apply_overrides, require_writable_dir
 from ultramem_jax.data.tokenizer import load_tokenizer
 from ultramem_jax.parallel.mesh import make_mesh, use_mesh
 from ultramem_jax.training.checkpoint import Checkpointer, abstract_like
@@ -33,8 +34,13 @@ def load_run_config(run_dir: pathlib.Path, overrides: list[str]) -> Config:
   if not run.config.exists():
     raise ConfigError(f"--run_dir: {str(run_dir)!r} has no {run.config.name}; "
                       "expected the directory of a training run")
-  saved = run.saved_config()
-  cfg, trained = from_dict(apply_overrides(saved, overrides)), from_dict(saved)
+  saved = run.saved_config()  # ConfigError naming the file when damaged
+  try:
+    trained = from_dict(saved)
+  except ConfigError as e:
+    raise ConfigError(f"{str(run.config)!r}: the run's saved config does not "
+                      f"load: {e}") from None
+  cfg = from_dict(apply_overrides(saved, overrides))
   diff = model_data_difference(trained, cfg)
   if diff:
     name, a, b = diff
@@ -46,6 +52,15 @@ def load_run_config(run_dir: pathlib.Path, overrides: list[str]) -> Config:
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, vocab_size=trained.model.vocab_size))
   return cfg
+
+
+def check_out_dir(out: pathlib.Path | None, run_dir: pathlib.Path | None) -> None:
+  """ConfigError unless the report directory (`out`, else RUN/eval) can be
+  created and written; called before anything is evaluated."""
+  if out is not None:
+    require_writable_dir(out, "--out")
+  else:
+    require_writable_dir(run_dir / "eval", "--out (default RUN/eval, here)")
 
 
 def restore_state(cfg: Config, checkpoints: pathlib.Path, step: int):

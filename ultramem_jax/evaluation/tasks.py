@@ -47,7 +47,8 @@ import yaml
 from ultramem_jax.config import ConfigError
 from ultramem_jax.data.pipeline import prepare_data
 from ultramem_jax.data.task_data import filler_tokens
-from ultramem_jax.evaluation.restore import load_run_config, restore_run
+from ultramem_jax.evaluation.restore import (check_out_dir, load_run_config,
+                                             restore_run)
 from ultramem_jax.evaluation.task_report import markdown, write_report
 from ultramem_jax.evaluation.task_scores import (
     LENGTH, evaluate_tasks, model_predictor)
@@ -139,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
   if args.n < 1:
     raise ConfigError(f"--n: got {args.n}; expected at least 1 instance")
   cfg = load_run_config(args.run_dir, args.overrides)  # a bad directory fails fast
+  check_out_dir(args.out, args.run_dir)  # before anything is evaluated
   trained = ([n for n in parse_mixture(cfg.data.tasks, extra=("text",))
               if n != "text"] if cfg.data.tasks else [])
   tasks = parse_tasks(args.tasks) if args.tasks else (trained or list(TASKS))

@@ -16,8 +16,9 @@ from typing import Optional
 
 import yaml
 
-from ultramem_jax.config import (ConfigError, apply_overrides, build_dataclass,
-                                 merge, read_yaml, require, to_dict)
+from ultramem_jax.config import (ConfigError, PathStr, apply_overrides,
+                                 build_dataclass, merge, read_yaml, require,
+                                 to_dict)
 from ultramem_jax.data.config import DataConfig, validate_data
 from ultramem_jax.memory_geometry import memory_geometry
 from ultramem_jax.model.config import ModelConfig, validate_model
@@ -60,7 +61,8 @@ class OptimizerConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   steps: int = 300
-  run_dir: str = "runs/default"
+  # A leading ~ is expanded (ultramem_jax/config.py PathStr).
+  run_dir: PathStr = "runs/default"
   seed: int = 0
   # null: resume when run_dir holds a checkpoint; true: must resume;
   # false: start fresh (refused if run_dir already holds checkpoints).

@@ -1,7 +1,9 @@
 """Preparing a training run: what it needs before its first step.
 
-In order: the checks of the run directory, the data (with the saved
-tokenizer when resuming), the mesh check, the mesh; then the run directory
+In order: the checks of the run directory, the mesh layout and the memory
+bound with the vocabulary the run will have (training/memory_budget.py),
+the data (with the saved tokenizer when resuming), the mesh check again if
+the tokenizer's vocabulary came out otherwise, the mesh; then the run directory
 is written (config and tokenizer); then, under the mesh and with SIGTERM /
 SIGINT turned into a stop request, the train state is built or restored,
 the data iterator placed, the train step compiled and the metric writers
@@ -28,13 +30,14 @@ from ultramem_jax.data import task_data
 from ultramem_jax.data.corpora import DataError
 from ultramem_jax.data.pipeline import TextData, prepare_data, train_dataset
 from ultramem_jax.data.tokenizer import load_tokenizer
-from ultramem_jax.model.abstract import abstract_model
+from ultramem_jax.model.abstract import abstract_model, resolved_vocab
 from ultramem_jax.parallel.distributed import barrier, batch_shard, processes_differing
 from ultramem_jax.parallel.mesh import batch_sharding, check_mesh, make_mesh, use_mesh
 from ultramem_jax.training.checkpoint import Checkpointer, abstract_like
 from ultramem_jax.training.config import Config, fault_steps, save_config
 from ultramem_jax.training.evaluate import shard_batch
 from ultramem_jax.training.guards import check_writable
+from ultramem_jax.training.memory_budget import check_train_memory, check_vocab
 from ultramem_jax.training.metrics import ScalarWriter
 from ultramem_jax.training.run_dir import RunDir, check_resume
 from ultramem_jax.training.signals import StopRequest
@@ -106,6 +109,22 @@ def _resolve_vocab(cfg: Config, vocab_size: int) -> Config:
         f"model.vocab_size: got {cfg.model.vocab_size}; the tokenizer has "
         f"{vocab_size} entries (use 0 to take the tokenizer's size)")
   return cfg
+
+
+def _check_planned(cfg: Config, run: RunDir, resume_step: int | None) -> int:
+  """The mesh layout and the memory bound (training/memory_budget.py) with
+  the vocabulary the run will have, before any data is read or a tokenizer
+  trained: model.vocab_size when set, else the saved tokenizer's size when
+  resuming, else the configured one (257 bytes, data.bpe_vocab_size for
+  BPE: a trained BPE may come out smaller, and the layout is checked again
+  then). Returns that vocabulary size."""
+  if not cfg.model.vocab_size and resume_step is not None and run.tokenizer.exists():
+    cfg = _resolve_vocab(cfg, load_tokenizer(run.tokenizer).vocab_size)
+  check_vocab(cfg)
+  model = abstract_model(cfg)
+  check_mesh(cfg, model, jax.device_count(), batch=False)
+  check_train_memory(cfg, model)
+  return resolved_vocab(cfg)
 
 
 def _check_same_data(data: TextData) -> None:
@@ -240,8 +259,10 @@ def prepare(cfg: Config, log: Log) -> Iterator[Prepared]:
   resume_step, replace = check_resume(cfg)
   if resume_step is not None:
     run.check_process_count(resume_step)
+  planned_vocab = _check_planned(cfg, run, resume_step)
   cfg, data, tasks, new_tokenizer = _load_data(cfg, run, resume_step, log)
-  check_mesh(cfg, abstract_model(cfg), jax.device_count(), batch=False)
+  if cfg.model.vocab_size != planned_vocab:  # the tokenizer came out smaller
+    check_mesh(cfg, abstract_model(cfg), jax.device_count(), batch=False)
   mesh = make_mesh(cfg.mesh)
   shard = batch_shard(batch_sharding(mesh), cfg.data.batch_size)
   _check_same_data(data)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import pathlib
 import time
 
@@ -38,6 +39,20 @@ CHECKPOINT_MARKER = "_CHECKPOINT_METADATA"
 # The sections of a config that define what was trained: a resumed run and
 # an evaluation share them with the saved config.
 FIXED_SECTIONS = ("model", "data")
+# What to do about a damaged config.yaml (RunDir.saved_config).
+_DAMAGED_CONFIG = ("restore the file (train.py writes it when a run starts), "
+                   "use another run directory, or, for training, set "
+                   "train.overwrite=true to move this one aside")
+# Path-valued keys whose leading ~ the config expands when it is built; a
+# config saved before that is compared with them expanded.
+_PATH_KEYS = {"data": ("source", "data_dir")}
+
+
+def _yaml_problem(e: Exception) -> str:
+  """The parser's complaint and its line, in one line."""
+  problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+  mark = getattr(e, "problem_mark", None)
+  return problem + (f" at line {mark.line + 1}" if mark is not None else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +108,30 @@ class RunDir:
     return steps[-1] if steps else None
 
   def saved_config(self) -> dict:
-    """config.yaml as a dict ({} when empty)."""
-    return yaml.safe_load(self.config.read_text()) or {}
+    """config.yaml as a dict; ConfigError naming the file when it cannot be
+    read, is not YAML, is empty or is not a mapping of config sections (a
+    damaged run directory, not a bug)."""
+    where = str(self.config)
+    try:
+      data = yaml.safe_load(self.config.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+      raise ConfigError(f"{where!r}: the run's saved config cannot be read "
+                        f"({getattr(e, 'strerror', None) or e})") from None
+    except yaml.YAMLError as e:
+      raise ConfigError(f"{where!r}: the run's saved config is not valid "
+                        f"YAML ({_yaml_problem(e)}); "
+                        f"{_DAMAGED_CONFIG}") from None
+    if not data:
+      raise ConfigError(f"{where!r}: the run's saved config is empty; "
+                        f"{_DAMAGED_CONFIG}")
+    if not isinstance(data, dict):
+      raise ConfigError(f"{where!r}: the run's saved config is not a mapping "
+                        f"of config sections; {_DAMAGED_CONFIG}")
+    for key in FIXED_SECTIONS:
+      if key in data and not isinstance(data[key], dict):
+        raise ConfigError(f"{where!r}: section {key!r} of the run's saved "
+                          f"config is not a mapping; {_DAMAGED_CONFIG}")
+    return data
 
   def move_aside(self) -> pathlib.Path:
     """Renames the directory to <run_dir>.replaced-<time>; returns the new path."""
@@ -156,8 +193,12 @@ def first_difference(saved: dict, new: dict, prefix: str = ""
 def _as_trained(section: str, values: dict, other: dict) -> dict:
   """A copy of config section `values` without what does not define the
   trained model: the memory kernels' choice (how the layer is computed),
-  and a vocab_size of 0 (the tokenizer's size) stands for `other`'s."""
+  and a vocab_size of 0 (the tokenizer's size) stands for `other`'s; paths
+  compare with ``~`` expanded."""
   values = copy.deepcopy(dict(values))
+  for key in _PATH_KEYS.get(section, ()):
+    if isinstance(values.get(key), str):
+      values[key] = os.path.expanduser(values[key])
   if section == "model":
     if isinstance(values.get("memory"), dict):
       values["memory"].pop("kernels", None)
@@ -208,7 +249,13 @@ def check_resume(cfg: Config) -> tuple[int | None, bool]:
         f"train.resume: true, but train.run_dir={str(run.root)!r} holds no "
         "checkpoint to resume from")
   if latest is not None and run.config.exists():
-    diff = model_data_difference(run.saved_config(), cfg)
+    try:
+      saved = run.saved_config()
+    except ConfigError:
+      if cfg.train.overwrite and cfg.train.resume is not True:
+        return None, True  # a damaged run is moved aside like a different one
+      raise
+    diff = model_data_difference(saved, cfg)
     if diff:
       name, a, b = diff
       if cfg.train.overwrite and cfg.train.resume is not True:
