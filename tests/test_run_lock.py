@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,8 +18,11 @@ import time
 import pytest
 
 from ultramem_jax.config import ConfigError
+from ultramem_jax.evaluation.restore import load_run_config, restore_listed
+from ultramem_jax.training.config import load_config
 from ultramem_jax.training.run_dir import RunDir
 from ultramem_jax.training.run_lock import LOCK_FILE, RunLock
+from ultramem_jax.training.trainer import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2",
@@ -193,3 +197,24 @@ def test_second_training_is_refused_while_the_first_trains_and_eval_reads(
   assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()
                 if not p.name.isdigit()) == []  # eval wrote nothing there
   assert not (run_dir / LOCK_FILE).exists()
+
+
+def test_eval_reads_the_newest_step_when_the_training_deletes_its_step(
+    tmp_path, text_dir):
+  run_dir = tmp_path / "run"
+  train(load_config(REPO / "configs/tiny_dense.yaml",
+                    SMALL + [f"data.source={text_dir}", f"train.run_dir={run_dir}",
+                             "train.steps=4", "train.checkpoint_every=2"]),
+        log=lambda s: None)
+  run = RunDir(run_dir)
+  assert run.checkpoint_steps() == [2, 4]
+  cfg = load_run_config(run_dir, [])
+  shutil.rmtree(run.checkpoint(2))  # as the training's max_to_keep does
+  *_, step = restore_listed(cfg, run, 2, pinned=False)
+  assert step == 4
+  shutil.rmtree(run.checkpoint(4))
+  (run.checkpoint(6)).mkdir()  # another step, still incomplete: not read
+  with pytest.raises(ConfigError, match=r"--step: checkpoint 4 of .* was deleted "
+                     r"while it was read .*train.max_to_keep=\d+\); the run has "
+                     r"checkpoints at steps \[\]"):
+    restore_listed(cfg, run, 4, pinned=False)

@@ -85,7 +85,7 @@ def restore_run(run_dir: pathlib.Path, step: int | None,
     step = steps[-1]
   elif step not in steps:
     raise ConfigError(f"--step: got {step}; the run has checkpoints at steps {steps}")
-  mesh, graphdef, state, step = _restore_listed(cfg, run, step, pinned)
+  mesh, graphdef, state, step = restore_listed(cfg, run, step, pinned)
   return RestoredRun(cfg, step, mesh, graphdef, state,
                      load_tokenizer(run.tokenizer))
 
@@ -95,7 +95,7 @@ def restore_run(run_dir: pathlib.Path, step: int | None,
 _DELETED_TRIES = 5
 
 
-def _restore_listed(cfg: Config, run: RunDir, step: int, pinned: bool):
+def restore_listed(cfg: Config, run: RunDir, step: int, pinned: bool):
   """(mesh, graphdef, state, step) of checkpoint `step`; if a training
   deleted it while it was read, the newest step instead, unless `pinned`
   (given as --step)."""
