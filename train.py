@@ -9,8 +9,8 @@ every process sees (a shared filesystem).
 
 Exit status: 0 when training finished or was stopped by SIGTERM/SIGINT
 (with a checkpoint saved; run the same command to resume), 2 for a bad
-config, bad arguments or bad data (nothing was trained), 3 when training
-diverged.
+config, bad arguments or bad data, or a train.run_dir in use by another
+training (nothing was trained), 3 when training diverged.
 """
 
 from __future__ import annotations

@@ -1,5 +1,12 @@
 """A trained run's config, tokenizer and checkpointed state, for evaluation,
-and the check that its reports can be written."""
+and the check that its reports can be written.
+
+Evaluation may read a run directory while a training writes it: it takes
+no lock, writes nothing under checkpoints/, and lists only complete steps
+(orbax's marker). The training deletes its oldest steps as it saves new ones
+(``train.max_to_keep``); a step deleted while it is read is not damage, and
+without --step the newest is read instead.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,7 @@ from ultramem_jax.data.tokenizer import load_tokenizer
 from ultramem_jax.parallel.mesh import make_mesh, use_mesh
 from ultramem_jax.training.checkpoint import Checkpointer, abstract_like
 from ultramem_jax.training.config import Config, from_dict
-from ultramem_jax.training.run_dir import RunDir, model_data_difference
+from ultramem_jax.training.run_dir import RunDir, is_checkpoint_step, model_data_difference
 from ultramem_jax.training.state import create_state
 
 
@@ -88,10 +95,41 @@ def restore_run(run_dir: pathlib.Path, step: int | None,
   steps = run.checkpoint_steps()
   if not steps:
     raise ConfigError(f"--run_dir: {str(run_dir)!r} holds no checkpoint")
+  pinned = step is not None
   if step is None:
     step = steps[-1]
   elif step not in steps:
     raise ConfigError(f"--step: got {step}; the run has checkpoints at steps {steps}")
-  mesh, graphdef, state, _ = restore_state(cfg, run.checkpoints, step)
+  mesh, graphdef, state, step = restore_listed(cfg, run, step, pinned)
   return RestoredRun(cfg, step, mesh, graphdef, state,
                      load_tokenizer(run.tokenizer))
+
+
+# A training that saves faster than a restore reads could delete every step
+# it is given; after this many, evaluation gives up.
+_DELETED_TRIES = 5
+
+
+def restore_listed(cfg: Config, run: RunDir, step: int, pinned: bool):
+  """(mesh, graphdef, state, step) of checkpoint `step`; if a training
+  deleted it while it was read, the newest step instead, unless `pinned`
+  (given as --step)."""
+  for _ in range(_DELETED_TRIES):
+    try:
+      mesh, graphdef, state, _ = restore_state(cfg, run.checkpoints, step)
+      return mesh, graphdef, state, step
+    except Exception:
+      if is_checkpoint_step(run.checkpoint(step)):
+        raise  # still there: not a deletion
+      latest = run.latest_checkpoint_step()
+      if pinned or latest is None or latest <= step:
+        raise ConfigError(
+            f"--step: checkpoint {step} of {str(run.root)!r} was deleted while "
+            "it was read (the training in that directory keeps its newest "
+            f"train.max_to_keep={cfg.train.max_to_keep}); the run has "
+            f"checkpoints at steps {run.checkpoint_steps()}") from None
+      step = latest
+  raise ConfigError(
+      f"--run_dir: the training in {str(run.root)!r} deleted {_DELETED_TRIES} "
+      "checkpoints in a row while they were read; pass --step of a recent one "
+      "or evaluate once it has saved fewer")

@@ -1,12 +1,15 @@
 """Preparing a training run: what it needs before its first step.
 
-In order: the checks of the run directory, the mesh layout and the memory
-bound with the vocabulary the run will have (training/memory_budget.py),
-the data (with the saved tokenizer when resuming), the mesh check again if
-the tokenizer's vocabulary came out otherwise, the mesh; then the run directory
-is written (config and tokenizer); then, under the mesh and with SIGTERM /
-SIGINT turned into a stop request, the train state is built or restored,
-the data iterator placed, the train step compiled and the metric writers
+In order: the checks of the run directory, its lock (one training at a
+time, training/run_lock.py), the mesh layout and the memory bound with the
+vocabulary the run will have (training/memory_budget.py), the data (with
+the saved tokenizer when resuming), the mesh check again if the tokenizer's
+vocabulary came out otherwise, the mesh; then the run directory is written
+(config and tokenizer; when resuming, only once the checkpoint restored and
+the step compiled, so that a failed resume leaves it as it was); then,
+under the mesh and with SIGTERM / SIGINT turned into a stop request, the
+train state is built or restored, the data iterator placed, the train step
+compiled, the logs cut back to the step resumed from and the metric writers
 opened. Everything that can be wrong with the inputs (config, mesh, run
 directory, data) is checked before the model is built or anything is
 compiled, and before anything in the run directory is written.
@@ -38,8 +41,9 @@ from ultramem_jax.training.config import Config, fault_steps, save_config
 from ultramem_jax.training.evaluate import shard_batch
 from ultramem_jax.training.guards import check_writable
 from ultramem_jax.training.memory_budget import check_train_memory, check_vocab
-from ultramem_jax.training.metrics import ScalarWriter
+from ultramem_jax.training.metrics import ScalarWriter, truncate_logs
 from ultramem_jax.training.run_dir import RunDir, check_resume
+from ultramem_jax.training.run_lock import RunLock
 from ultramem_jax.training.signals import StopRequest
 from ultramem_jax.training.state import create_state, param_count
 from ultramem_jax.training.step import make_eval_step, make_train_step
@@ -185,19 +189,28 @@ def next_batch(data_iter: grain.DatasetIterator, sharding, batch_size: int,
 # ----------------------------------------------------------------------------- writing
 
 def _write_run_dir(cfg: Config, run: RunDir, data: TextData, new_tokenizer: bool,
-                   replace: bool, log: Log) -> None:
-  """Process 0 moves an old run aside when asked and writes the config and
-  the tokenizer; the others wait, so that every process has decided on
+                   replace: bool, lock: RunLock, resuming: bool, log: Log) -> None:
+  """Process 0 moves an old run aside when asked (the lock follows into the
+  new directory) and, unless resuming, writes the config and the
+  tokenizer; the others wait, so that every process has decided on
   resuming before the directory changes."""
   barrier("run directory checked")
   if jax.process_index() == 0:
     if replace:
-      log(f"train.overwrite: moved the previous run to {run.move_aside()}")
+      moved = run.move_aside()
+      lock.follow(moved)
+      log(f"train.overwrite: moved the previous run to {moved}")
     run.root.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run.config)
-    if new_tokenizer:
-      data.tokenizer.save(run.tokenizer)
+    if not resuming:
+      _write_config(cfg, run, data, new_tokenizer)
   barrier("run directory written")
+
+
+def _write_config(cfg: Config, run: RunDir, data: TextData,
+                  new_tokenizer: bool) -> None:
+  save_config(cfg, run.config)  # atomic: written aside, then renamed
+  if new_tokenizer:
+    data.tokenizer.save(run.tokenizer)
 
 
 def _describe_mesh(mesh, shard_index: int, shard_count: int) -> str:
@@ -224,9 +237,10 @@ def _restore(checkpointer: Checkpointer, run: RunDir, state: nnx.State,
 
 def _build(cfg: Config, run: RunDir, data: TextData,
            tasks: task_data.TaskData | None, mesh, resume_step: int | None,
-           stop: StopRequest, log: Log) -> Prepared:
+           new_tokenizer: bool, stop: StopRequest, log: Log) -> Prepared:
   """The state (restored when resuming), the data iterator, the compiled
-  step and the writers; called under the mesh."""
+  step and the writers; called under the mesh. A resume writes the config
+  only here, once it is known to work."""
   sharding = batch_sharding(mesh)
   graphdef, state = create_state(cfg)
   log(f"model: {param_count(state):,} parameters; data: {data.stats}")
@@ -241,6 +255,10 @@ def _build(cfg: Config, run: RunDir, data: TextData,
                      fault_steps(cfg.train), step + 1)
   train_step = make_train_step(graphdef, cfg.train.log_every).lower(state, first).compile()
   log(f"compiled the train step in {time.perf_counter() - t0:.1f}s")
+  if jax.process_index() == 0:
+    if resume_step is not None:
+      _write_config(cfg, run, data, new_tokenizer)
+    truncate_logs(run.metrics, run.tensorboard, step, log)
   writer = ScalarWriter(run.tensorboard, run.metrics,
                         enabled=jax.process_index() == 0)
   return Prepared(cfg, run, data, tasks, mesh, sharding, graphdef, state, step,
@@ -252,10 +270,19 @@ def _build(cfg: Config, run: RunDir, data: TextData,
 def prepare(cfg: Config, log: Log) -> Iterator[Prepared]:
   """Checks, loads and builds what the run of `cfg` needs; yields it while
   the mesh is in use and SIGTERM / SIGINT ask the run to stop (see
-  training/signals.py)."""
+  training/signals.py). The run directory's lock is held throughout (taken
+  after the config checks, before anything is decided or written)."""
   run = RunDir(cfg.train.run_dir)
   check_mesh(cfg, None, jax.device_count())  # sizes and batch: before any data
   check_writable(run.root)
+  with run.lock(log) as lock, _prepare_locked(cfg, run, lock, log) as prepared:
+    yield prepared
+
+
+@contextlib.contextmanager
+def _prepare_locked(cfg: Config, run: RunDir, lock: RunLock, log: Log
+                    ) -> Iterator[Prepared]:
+  """:func:`prepare` once the run directory is this training's."""
   resume_step, replace = check_resume(cfg)
   if resume_step is not None:
     run.check_process_count(resume_step)
@@ -266,8 +293,10 @@ def prepare(cfg: Config, log: Log) -> Iterator[Prepared]:
   mesh = make_mesh(cfg.mesh)
   shard = batch_shard(batch_sharding(mesh), cfg.data.batch_size)
   _check_same_data(data)
-  _write_run_dir(cfg, run, data, new_tokenizer, replace, log)
+  _write_run_dir(cfg, run, data, new_tokenizer, replace, lock,
+                 resume_step is not None, log)
   log(_describe_mesh(mesh, *shard))
   with use_mesh(mesh), StopRequest(log) as stop:
-    yield _build(cfg, run, data, tasks, mesh, resume_step, stop, log)
+    yield _build(cfg, run, data, tasks, mesh, resume_step, new_tokenizer, stop,
+                 log)
 

@@ -8,6 +8,8 @@
     <run_dir>/metrics.jsonl      every logged scalar, one JSON object a line
     <run_dir>/summary.json       the final validation numbers
     <run_dir>/loss.png           the loss curve
+    <run_dir>/train.lock         the training that owns it, while it runs
+                                 (training/run_lock.py)
 
 Also here: the one rule for whether two configs describe the same model
 and data (:func:`model_data_difference`), which decides whether a run may
@@ -16,6 +18,7 @@ resume in a directory and which overrides evaluation accepts.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -28,6 +31,7 @@ import yaml
 
 from ultramem_jax.config import ConfigError, to_dict
 from ultramem_jax.data.tokenizer import FILENAME as TOKENIZER_FILE
+from ultramem_jax.training import run_lock
 from ultramem_jax.training.config import Config
 
 CONFIG_FILE = "config.yaml"
@@ -93,8 +97,18 @@ class RunDir:
   def plot(self) -> pathlib.Path:
     return self.root / PLOT_FILE
 
+  @property
+  def lock_file(self) -> pathlib.Path:
+    return self.root / run_lock.LOCK_FILE
+
   def checkpoint(self, step: int) -> pathlib.Path:
     return self.checkpoints / str(step)
+
+  def lock(self, log) -> contextlib.AbstractContextManager[run_lock.RunLock]:
+    """Holds this directory for one training (``with run.lock(log):``);
+    raises ConfigError naming the owner when another training holds it.
+    Evaluation reads a directory without it."""
+    return run_lock.hold(self.root, log)
 
   def checkpoint_steps(self) -> list[int]:
     """Complete checkpoint steps, ascending."""

@@ -5,10 +5,11 @@ runs its steps, and the report writes and prints the result.
       trainer = Trainer(run, log)
       trainer.fit(end)                   # steps, validation, checkpoints, stop
       val, val_task = trainer.finish()   # last validation (unless stopped)
-    return report(run, trainer, val, val_task, ...)  # summary.json, loss.png
+      return report(run, trainer, val, val_task, ...)  # summary.json, loss.png
 
-SIGTERM / SIGINT stop the loop after the current step with a checkpoint
-(training/signals.py); too many non-finite steps in a row raise
+The run directory's lock (training/run_lock.py) is held from the checks to
+the report. SIGTERM / SIGINT stop the loop after the current step with a
+checkpoint (training/signals.py); too many non-finite steps in a row raise
 ``health.Diverged`` with the checkpoints left as they were.
 """
 
@@ -273,4 +274,5 @@ def train(cfg: Config, *, stop_at_step: int | None = None,
     trainer = Trainer(run, log)
     trainer.fit(end)
     val, val_task = trainer.finish()
-  return report(run, trainer, val, val_task, t_start, log)
+    # In the run directory's lock: summary.json and loss.png are written too.
+    return report(run, trainer, val, val_task, t_start, log)
