@@ -36,6 +36,7 @@ from ultramem_jax.training.config import Config, fault_steps, save_config
 from ultramem_jax.training.evaluate import shard_batch
 from ultramem_jax.training.guards import check_writable
 from ultramem_jax.training.metrics import ScalarWriter
+from ultramem_jax.training.resume import restore_latest_agreed
 from ultramem_jax.training.run_dir import RunDir, check_resume
 from ultramem_jax.training.signals import StopRequest
 from ultramem_jax.training.state import create_state, param_count
@@ -194,7 +195,8 @@ def _restore(checkpointer: Checkpointer, run: RunDir, state: nnx.State,
              data_iter: grain.DatasetIterator, log: Log) -> tuple[int, nnx.State]:
   """(step, state) of the newest readable checkpoint, moving `data_iter`
   to its position; (0, `state`) when none is left."""
-  found = checkpointer.restore_latest(abstract_like(state), data_iter, log=log)
+  found = restore_latest_agreed(checkpointer, abstract_like(state), data_iter,
+                                log=log)  # one decision over all processes
   if found is None:
     log("no readable checkpoint left; starting from step 0")
     return 0, state
