@@ -55,6 +55,9 @@ class Launch:
 def launch_error(launch: Launch) -> str | None:
   """What is wrong with the distributed arguments, or None; needs no JAX
   backend, so a bad command line stops before anything starts."""
+  if not launch.failure_timeout >= 1:
+    return (f"--failure_timeout: got {launch.failure_timeout}; must be at least "
+            "1 (seconds)")
   given = {"--coordinator": launch.coordinator,
            "--num_processes": launch.num_processes,
            "--process_id": launch.process_id}
@@ -69,9 +72,6 @@ def launch_error(launch: Launch) -> str | None:
   if not (colon and host and port.isdigit() and 0 < int(port) < 65536):
     return (f"--coordinator: got {launch.coordinator!r}; expected HOST:PORT of "
             "process 0, the same on every process (e.g. localhost:12355)")
-  if not launch.failure_timeout >= 1:
-    return (f"--failure_timeout: got {launch.failure_timeout}; must be at least "
-            "1 (seconds)")
   if launch.num_processes < 1:
     return f"--num_processes: got {launch.num_processes}; must be at least 1"
   if not 0 <= launch.process_id < launch.num_processes:
