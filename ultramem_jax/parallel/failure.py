@@ -15,17 +15,22 @@ process 0):
 - a process killed outright (SIGKILL, a lost host) publishes nothing, so
   each watcher also beats under ``ultramem/alive/<i>`` every second and
   declares a process dead whose beat has not changed for the failure
-  timeout (``--failure_timeout``, 60 s by default). JAX's own heartbeat is
-  set to twice that, a backstop that no longer decides first.
+  timeout (``--failure_timeout``, 60 s by default), unless it marked
+  itself done (a normal exit). JAX's own heartbeat is set to twice that, a
+  backstop that no longer decides first.
 
 On CPU, a collective with a killed peer fails at once (gloo: "Connection
 closed by peer"); the main thread then waits for the watcher to name the
 process that died (:func:`stop_after_error`) rather than report the
-collective as its own failure.
+collective as its own failure. When process 0, which holds the service,
+dies, JAX itself aborts the others as soon as their connection to it
+drops (measured on localhost: at once, SIGABRT); the watcher covers a
+connection that hangs instead.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import threading
@@ -37,6 +42,8 @@ from jax._src import distributed as _jax_distributed
 
 FAILED_KEY = "ultramem/failed"
 ALIVE_DIR = "ultramem/alive/"
+# A process that exits normally says so: its beat stops, it is not dead.
+DONE_DIR = "ultramem/done/"
 # Exit status of a process stopped because another process of the run failed.
 EXIT_PEER_FAILED = 4
 # A process that finds another's failure waits this long for its own main
@@ -44,7 +51,7 @@ EXIT_PEER_FAILED = 4
 GRACE_S = 2.0
 
 _exiting = threading.Lock()
-_watch: dict[str, float] = {}
+_watch: dict[str, float] = {}  # {"timeout": seconds} once watch() started
 
 
 def _client():
@@ -68,7 +75,7 @@ def exit_now(message: str, status: int) -> None:
   which waits for every process, including a dead one. The first thread
   here wins; another one waits for it to end the process."""
   if not _exiting.acquire(blocking=False):
-    time.sleep(3600)
+    time.sleep(3600)  # the first thread ends the process meanwhile
   try:
     sys.stdout.flush()
     print(message, file=sys.stderr, flush=True)
@@ -123,10 +130,11 @@ class _Watcher:
     now = time.monotonic()
     self.seen: dict[int, tuple[str, float]] = {p: ("", now) for p in range(self.n)}
     self.unreachable_since: float | None = None
+    self.stop = threading.Event()
 
   def run(self) -> None:
     beat = 0
-    while True:
+    while not self.stop.wait(self.period):
       beat += 1
       try:
         self.check(beat)
@@ -140,7 +148,6 @@ class _Watcher:
               f"{self.timeout:.0f}s ({type(e).__name__}: "
               f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); "
               "it was killed or its host failed"), EXIT_PEER_FAILED)
-      time.sleep(self.period)
 
   def check(self, beat: int) -> None:
     self.client.key_value_set(f"{ALIVE_DIR}{self.me}", str(beat),
@@ -154,12 +161,14 @@ class _Watcher:
       p = int(key.rpartition("/")[2])
       if self.seen.get(p, ("", now))[0] != value:
         self.seen[p] = (value, now)
+    done = {int(k.rpartition("/")[2])
+            for k, _ in self.client.key_value_dir_get(DONE_DIR)}
     dead = [p for p, (_, at) in self.seen.items()
-            if p != self.me and now - at > self.timeout]
+            if p != self.me and p not in done and now - at > self.timeout]
     if dead:
-      message = (f"stopped responding: no heartbeat from process(es) {dead} for "
-                 f"{self.timeout:.0f}s (--failure_timeout); killed, or the host "
-                 "failed")
+      also = f" (nor from process(es) {dead[1:]})" if dead[1:] else ""
+      message = (f"stopped responding: no heartbeat for {self.timeout:.0f}s "
+                 f"(--failure_timeout){also}; killed, or its host failed")
       publish(message, process=dead[0])
       exit_now(_peer_message(f"process {dead[0]} failed: {message}"),
                EXIT_PEER_FAILED)
@@ -170,8 +179,23 @@ def watch(timeout: float) -> None:
   if _client() is None or _watch:
     return
   _watch["timeout"] = float(timeout)
-  threading.Thread(target=_Watcher(timeout).run, name="failure-watch",
-                   daemon=True).start()
+  watcher = _Watcher(timeout)
+  thread = threading.Thread(target=watcher.run, name="failure-watch",
+                            daemon=True)
+  thread.start()
+
+  def finish() -> None:
+    """At a normal exit (registered after JAX's own exit handler, so run
+    before it shuts the client down): marks this process done, so that
+    the others do not take its silence for death, and stops the watcher."""
+    try:
+      watcher.client.key_value_set(f"{DONE_DIR}{watcher.me}", "1")
+    except Exception:  # noqa: BLE001 (the service is gone)
+      pass
+    watcher.stop.set()
+    thread.join(timeout=5)
+
+  atexit.register(finish)
 
 
 def stop_all(message: str, status: int) -> int:
@@ -193,8 +217,14 @@ def stop_after_error(error: BaseException) -> None:
   exits with status 1."""
   failure = published_failure(wait_s=GRACE_S)
   if failure is None and isinstance(error, jax.errors.JaxRuntimeError):
-    # A collective with a dead peer: the watcher names it, or the wait ends.
-    failure = published_failure(wait_s=timeout_s() + 2 * GRACE_S)
+    # A collective with a dead peer: the watcher names it (and ends this
+    # process), or the wait ends. The get returns early when the service
+    # itself is gone, hence the loop.
+    deadline = time.monotonic() + timeout_s() + 2 * GRACE_S
+    while failure is None and time.monotonic() < deadline:
+      failure = published_failure(wait_s=min(1.0, deadline - time.monotonic()))
+      if failure is None:
+        time.sleep(0.2)
   if failure and not _own(failure):
     exit_now(_peer_message(failure), EXIT_PEER_FAILED)
   text = "".join(traceback.format_exception(error)).rstrip()
