@@ -142,6 +142,8 @@ def test_sigterm_to_one_stops_both_at_one_step_and_damage_is_agreed(
   assert (f"SIGTERM on process 1: every process stops after step {last} with "
           "a checkpoint") in out[0]
   assert "received SIGTERM" not in out[0]
+  assert ("received SIGTERM: finishing the steps up to the next log step, "
+          "where every process stops,") in out[1]
   assert checkpoint_steps(run)[-1] == last
   assert sorted(p.name for p in (run / "checkpoints" / str(last) / "data").glob(
       "process_*")) == ["process_0-of-2.json", "process_1-of-2.json"]

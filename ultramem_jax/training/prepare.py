@@ -249,6 +249,6 @@ def prepare(cfg: Config, log: Log) -> Iterator[Prepared]:
   _check_same_data(data)
   _write_run_dir(cfg, run, data, new_tokenizer, replace, log)
   log(_describe_mesh(mesh, *shard))
-  with use_mesh(mesh), StopRequest(log) as stop:
+  with use_mesh(mesh), StopRequest(log, agreed=jax.process_count() > 1) as stop:
     yield _build(cfg, run, data, tasks, mesh, resume_step, stop, log)
 

@@ -47,6 +47,7 @@ class TrainResult:
   tokens_per_sec: float
   wall_time_sec: float
   stopped_by: str | None = None     # "SIGTERM" / "SIGINT" when preempted
+                                    # ("SIGTERM on process 1" of several)
   skipped_steps: int = 0            # updates skipped for non-finite values
   val_task_loss: float | None = None  # held-out task rows (data.tasks)
 
