@@ -50,6 +50,11 @@ the formula of spec section 7 (parameters touched + KV cache) and FLOPs,
 beside XLA's cost_analysis() of the compiled decode step (lowered from
 abstract shapes: nothing is allocated).
 
+eval.py runs as one process. A run trained by several processes
+(train.py --coordinator/--distributed) is evaluated the same way: its
+checkpoint re-shards onto this process's mesh (override mesh.* to fit the
+devices here), and the per-process data positions are not read.
+
 Each subcommand lives in ultramem_jax/evaluation/<name>.py with
 ``add_parser(subparsers)`` and ``run(args) -> exit status``.
 

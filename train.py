@@ -10,7 +10,11 @@ every process sees (a shared filesystem).
 Exit status: 0 when training finished or was stopped by SIGTERM/SIGINT
 (with a checkpoint saved; run the same command to resume), 2 for a bad
 config, bad arguments or bad data, or a train.run_dir in use by another
-training (nothing was trained), 3 when training diverged.
+training (nothing was trained), 3 when training diverged, 4 when another process of a multi-process run failed (its
+message is printed; every process stops within --failure_timeout), 1 for an
+unexpected error (in a multi-process run the others then stop with 4).
+A SIGTERM/SIGINT to one process of a multi-process run stops all of them
+after the same step, with one checkpoint.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import sys
 
 from ultramem_jax.config import ConfigError
 from ultramem_jax.data.corpora import DataError
-from ultramem_jax.parallel import distributed
+from ultramem_jax.parallel import distributed, failure
 from ultramem_jax.training.config import load_config
 from ultramem_jax.training.health import Diverged
 from ultramem_jax.training.trainer import train
@@ -45,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="number of processes in the run")
   group.add_argument("--process_id", type=int, metavar="I",
                      help="this process's index, 0..N-1")
+  group.add_argument("--failure_timeout", type=float, default=60.0,
+                     metavar="SECONDS",
+                     help="a process silent this long is taken for dead and "
+                     "every process stops (default 60)")
   return parser
 
 
@@ -55,12 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     # The distributed runtime starts only after the config checks.
     launch = distributed.Launch(args.distributed, args.coordinator,
-                                args.num_processes, args.process_id)
+                                args.num_processes, args.process_id,
+                                args.failure_timeout)
     problem = distributed.launch_error(launch)
     if problem:
       parser.error(problem)  # exits with status 2
     if launch.enabled:  # before anything touches a JAX device
       distributed.initialize(launch)
+      failure.watch(launch.failure_timeout)
       print(distributed.describe(), flush=True)
   except (ConfigError, DataError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -68,11 +78,13 @@ def main(argv: list[str] | None = None) -> int:
   try:
     train(cfg)
   except (ConfigError, DataError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return failure.stop_all(f"error: {e}", 2)
   except Diverged as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 3
+    return failure.stop_all(f"error: {e}", 3)
+  except Exception as e:
+    if not failure.active():
+      raise
+    failure.stop_after_error(e)  # tells the others; does not return
   return 0
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
+import signal
 
 import jax
 import numpy as np
@@ -37,6 +39,9 @@ class Launch:
   coordinator: str | None = None
   num_processes: int | None = None
   process_id: int | None = None
+  # Seconds after which a process that stopped responding is taken for dead
+  # and every process stops (parallel/failure.py).
+  failure_timeout: float = 60.0
 
   @property
   def explicit(self) -> bool:
@@ -50,6 +55,9 @@ class Launch:
 def launch_error(launch: Launch) -> str | None:
   """What is wrong with the distributed arguments, or None; needs no JAX
   backend, so a bad command line stops before anything starts."""
+  if not launch.failure_timeout >= 1:
+    return (f"--failure_timeout: got {launch.failure_timeout}; must be at least "
+            "1 (seconds)")
   given = {"--coordinator": launch.coordinator,
            "--num_processes": launch.num_processes,
            "--process_id": launch.process_id}
@@ -76,10 +84,17 @@ def initialize(launch: Launch) -> None:
   """Joins the run with ``jax.distributed.initialize`` (blocks until every
   process has joined). Must come before any JAX computation or device query.
 
+  JAX's own heartbeat and shutdown timeouts are twice the failure timeout:
+  the watcher of parallel/failure.py detects a dead process first and says
+  which; JAX's abort stays as the backstop.
+
   Raises ConfigError when --distributed finds no cluster to join."""
+  backstop = int(math.ceil(2 * launch.failure_timeout))
   try:
     jax.distributed.initialize(launch.coordinator, launch.num_processes,
-                               launch.process_id)
+                               launch.process_id,
+                               heartbeat_timeout_seconds=backstop,
+                               shutdown_timeout_seconds=backstop)
   except ValueError as e:
     if launch.explicit:
       raise
@@ -138,3 +153,50 @@ def barrier(name: str) -> None:
   """Waits until every process reaches the barrier `name` (no-op alone)."""
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
+
+
+def agreed_signal(local: str | None) -> str | None:
+  """The stop signal every process acts on: `local` (this process's, or
+  None) gathered from all, so that all stop after the same step and save
+  the same checkpoint. "SIGTERM on process 1" when it came from one of
+  several; None when no process got one. Every process must call it."""
+  if jax.process_count() == 1:
+    return local
+  number = int(signal.Signals[local]) if local else 0
+  every = np.asarray(multihost_utils.process_allgather(np.int32(number))).ravel()
+  got = [p for p, n in enumerate(every) if n]
+  if not got:
+    return None
+  name = signal.Signals(int(every[got[0]])).name
+  where = ("every process" if len(got) == len(every) else
+           f"process {got[0]}" if len(got) == 1 else f"processes {got}")
+  return f"{name} on {where}"
+
+
+# Waits on other processes' values: long, since a slow host (a big restore)
+# is not a failure; a dead one is caught by parallel/failure.py's watcher.
+EXCHANGE_TIMEOUT_S = 1800
+
+
+def gather_text(name: str, text: str) -> list[str]:
+  """Every process's `text` under the run-unique `name`, by process index,
+  through the coordination service's key-value store ([text] alone)."""
+  client = _jax_distributed.global_state.client
+  if jax.process_count() == 1 or client is None:
+    return [text]
+  client.key_value_set(f"ultramem/{name}/{jax.process_index()}", text)
+  return [client.blocking_key_value_get(f"ultramem/{name}/{p}",
+                                        EXCHANGE_TIMEOUT_S * 1000)
+          for p in range(jax.process_count())]
+
+
+def from_process_0(name: str, text: str | None) -> str:
+  """Process 0's `text` (which the others pass as None) on every process."""
+  client = _jax_distributed.global_state.client
+  if jax.process_count() == 1 or client is None:
+    return text
+  if jax.process_index() == 0:
+    client.key_value_set(f"ultramem/{name}", text)
+    return text
+  return client.blocking_key_value_get(f"ultramem/{name}",
+                                       EXCHANGE_TIMEOUT_S * 1000)

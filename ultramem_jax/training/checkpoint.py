@@ -131,24 +131,33 @@ class Checkpointer:
           "which this config's model lacks")
 
   def restore(self, step: int, abstract_state: Any,
-              data_iter: grain.DatasetIterator | None = None) -> tuple[Any, dict]:
+              data_iter: grain.DatasetIterator | None = None,
+              verify: bool = True) -> tuple[Any, dict]:
     """Restores `state` onto the shardings of `abstract_state` (a tree of
     jax.ShapeDtypeStruct) and verifies its fingerprints; moves `data_iter`
-    to its saved position."""
+    to its saved position. With ``verify=False`` the fingerprints stay in
+    the meta for :meth:`verify` (which every process must then call: it
+    computes them over the global arrays)."""
     items = {"state": ocp.args.StandardRestore(abstract_state),
              "meta": ocp.args.JsonRestore()}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     state, meta = restored["state"], dict(restored["meta"])
-    expected = meta.pop("fingerprints", None)
+    if verify:
+      self.verify(state, meta.pop("fingerprints", None))
+    return state, meta
+
+  @staticmethod
+  def verify(state: Any, expected: dict[str, int] | None) -> None:
+    """Raises IOError when an array of `state` differs from its saved
+    fingerprint (`expected`; None: a checkpoint saved without them)."""
     if expected is not None:
       got = fingerprint(state)
       bad = sorted(k for k in expected if got.get(k) != expected[k])
       if bad:
         raise IOError(f"{len(bad)} array(s) differ from what was saved, "
                       f"first {bad[0]}")
-    return state, meta
 
   def restore_latest(self, abstract_state: Any,
                      data_iter: grain.DatasetIterator | None = None,
@@ -173,13 +182,23 @@ class Checkpointer:
 
   def quarantine(self, step: int) -> pathlib.Path:
     """Moves a step directory to <checkpoints>.unreadable/<step>-<time>."""
+    dest = self.move_aside(step)
+    self.reopen()
+    return dest
+
+  def move_aside(self, step: int) -> pathlib.Path:
+    """The move of :meth:`quarantine` alone (by one process of several,
+    after which every process calls :meth:`reopen`)."""
     dest_dir = self.directory.with_name(self.directory.name + ".unreadable")
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
     shutil.move(str(self.directory / str(step)), str(dest))
+    return dest
+
+  def reopen(self) -> None:
+    """Re-reads the steps on disk (a step was moved aside)."""
     self._manager.close()
     self._manager = self._open()
-    return dest
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

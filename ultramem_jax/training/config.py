@@ -87,6 +87,8 @@ class TrainConfig:
   spike_factor: float = 3.0
   # Fault injection for tests: comma-separated steps whose loss is made NaN.
   fault_nan_steps: str | int = ""
+  # Fault injection for tests: "P@S" makes process P raise at step S.
+  fault_raise: str = ""
 
 
 
@@ -131,6 +133,15 @@ def fault_steps(t: TrainConfig) -> frozenset[int]:
   return frozenset(int(x) for x in text.split(",")) if text else frozenset()
 
 
+def fault_raise(t: TrainConfig) -> tuple[int, int] | None:
+  """(process, step) of ``train.fault_raise``, or None."""
+  text = str(t.fault_raise).strip()
+  if not text:
+    return None
+  process, _, step = text.partition("@")
+  return int(process), int(step)
+
+
 def validate(cfg: Config) -> None:
   """Every section's rules, then those that span sections."""
   validate_model(cfg.model)
@@ -161,6 +172,11 @@ def validate_train(t: TrainConfig) -> None:
   except ValueError:
     raise ConfigError(f"train.fault_nan_steps: got {t.fault_nan_steps!r}; "
                       "expected comma-separated step numbers, e.g. '5,6'") from None
+  try:
+    fault_raise(t)
+  except ValueError:
+    raise ConfigError(f"train.fault_raise: got {t.fault_raise!r}; expected "
+                      "PROCESS@STEP, e.g. '1@3'") from None
   require(t.eval_batches >= 0, "train.eval_batches", t.eval_batches,
           "must be >= 0 (0 means derived)")
   require(bool(t.run_dir), "train.run_dir", t.run_dir, "must be a directory path")

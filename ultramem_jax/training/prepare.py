@@ -42,6 +42,7 @@ from ultramem_jax.training.evaluate import shard_batch
 from ultramem_jax.training.guards import check_writable
 from ultramem_jax.training.memory_budget import check_train_memory, check_vocab
 from ultramem_jax.training.metrics import ScalarWriter, truncate_logs
+from ultramem_jax.training.resume import restore_latest_agreed
 from ultramem_jax.training.run_dir import RunDir, check_resume
 from ultramem_jax.training.run_lock import RunLock
 from ultramem_jax.training.signals import StopRequest
@@ -226,7 +227,8 @@ def _restore(checkpointer: Checkpointer, run: RunDir, state: nnx.State,
              data_iter: grain.DatasetIterator, log: Log) -> tuple[int, nnx.State]:
   """(step, state) of the newest readable checkpoint, moving `data_iter`
   to its position; (0, `state`) when none is left."""
-  found = checkpointer.restore_latest(abstract_like(state), data_iter, log=log)
+  found = restore_latest_agreed(checkpointer, abstract_like(state), data_iter,
+                                log=log)  # one decision over all processes
   if found is None:
     log("no readable checkpoint left; starting from step 0")
     return 0, state
@@ -296,7 +298,7 @@ def _prepare_locked(cfg: Config, run: RunDir, lock: RunLock, log: Log
   _write_run_dir(cfg, run, data, new_tokenizer, replace, lock,
                  resume_step is not None, log)
   log(_describe_mesh(mesh, *shard))
-  with use_mesh(mesh), StopRequest(log) as stop:
+  with use_mesh(mesh), StopRequest(log, agreed=jax.process_count() > 1) as stop:
     yield _build(cfg, run, data, tasks, mesh, resume_step, new_tokenizer, stop,
                  log)
 

@@ -15,10 +15,14 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 class StopRequest:
   """Installs the handlers while in use (``with StopRequest(log) as stop``);
-  ``stop.signal_name`` is None until a signal arrives."""
+  ``stop.signal_name`` is None until a signal arrives. ``agreed``: one
+  process of several, which stop together at the next log step
+  (``Trainer.agree_stop``), as the message says."""
 
-  def __init__(self, log: Callable[[str], None]):
+  def __init__(self, log: Callable[[str], None], agreed: bool = False):
     self._log = log
+    self._until = ("the steps up to the next log step, where every process "
+                   "stops," if agreed else "the current step,")
     self.signal_name: str | None = None
     self._previous: dict[int, object] = {}
 
@@ -41,7 +45,7 @@ class StopRequest:
                   "checkpoint is intact\n".encode())
       os._exit(128 + signum)
     self.signal_name = name
-    os.write(2, f"\nreceived {name}: finishing the current step, then saving a "
+    os.write(2, f"\nreceived {name}: finishing {self._until} then saving a "
                 "checkpoint (send it again to exit at once)\n".encode())
 
   @property

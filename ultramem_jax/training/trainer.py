@@ -26,7 +26,8 @@ import jax
 import numpy as np
 
 from ultramem_jax.config import to_dict
-from ultramem_jax.training.config import Config, fault_steps
+from ultramem_jax.parallel.distributed import agreed_signal
+from ultramem_jax.training.config import Config, fault_raise, fault_steps
 from ultramem_jax.training.evaluate import evaluate, task_loss
 from ultramem_jax.training.health import HealthMonitor
 from ultramem_jax.training.metrics import Progress, plot_losses, split_step_metrics
@@ -47,6 +48,7 @@ class TrainResult:
   tokens_per_sec: float
   wall_time_sec: float
   stopped_by: str | None = None     # "SIGTERM" / "SIGINT" when preempted
+                                    # ("SIGTERM on process 1" of several)
   skipped_steps: int = 0            # updates skipped for non-finite values
   val_task_loss: float | None = None  # held-out task rows (data.tasks)
 
@@ -74,10 +76,32 @@ class Trainer:
     self.rates: list[float] = []
     self.t_interval, self.steps_in_interval = time.perf_counter(), 0
     self.batch: dict | None = run.first_batch
+    self.agreed_stop: str | None = None
+    self.raise_at = fault_raise(cfg.train)
+
+  @property
+  def stop_name(self) -> str | None:
+    """The signal that stops the run, or None. Alone: as soon as it arrives.
+    Over several processes: the one they agreed on at the last log step
+    (:meth:`agree_stop`), so that every process saves the same step."""
+    if jax.process_count() == 1:
+      return self.run.stop.signal_name
+    return self.agreed_stop
 
   @property
   def stopped(self) -> bool:
-    return self.run.stop.requested
+    return self.stop_name is not None
+
+  def agree_stop(self, end: int) -> None:
+    """Over several processes, at each log step and at `end`: every process
+    learns whether any got a stop signal (one small all-gather, where the
+    metrics are fetched anyway)."""
+    if jax.process_count() > 1 and (self.step % self.cfg.train.log_every == 0
+                                    or self.step == end):
+      self.agreed_stop = agreed_signal(self.run.stop.signal_name)
+      if self.agreed_stop:
+        self.say(f"{self.agreed_stop}: every process stops after step "
+                 f"{self.step} with a checkpoint")
 
   # --------------------------------------------------------------- the loop
 
@@ -88,6 +112,7 @@ class Trainer:
     try:
       while self.step < end and not self.stopped:
         self.train_step()
+        self.agree_stop(end)
         if self.step % train.log_every == 0 or self.step == end or self.stopped:
           self.flush()
         if self.stopped:
@@ -111,6 +136,9 @@ class Trainer:
 
   def train_step(self) -> None:
     """One update; its metrics stay on the device until :meth:`flush`."""
+    if self.raise_at == (jax.process_index(), self.step + 1):
+      raise RuntimeError(f"train.fault_raise: process {self.raise_at[0]} "
+                         f"raises at step {self.raise_at[1]} (a test fault)")
     if self.batch is None:
       self.batch = next_batch(self.run.data_iter, self.run.sharding,
                               self.cfg.data.batch_size, self.faults, self.step + 1)
@@ -188,7 +216,7 @@ class Trainer:
     (nan, None) after a stop request, which it reports; closes the writers."""
     val, val_task = math.nan, None
     if self.stopped:
-      self.say(f"stopped by {self.run.stop.signal_name} after step {self.step}; "
+      self.say(f"stopped by {self.stop_name} after step {self.step}; "
                f"checkpoint saved in {self.run.run_dir.checkpoint(self.step)}; run "
                "the same command to resume")
     else:
@@ -245,9 +273,9 @@ def report(run: Prepared, trainer: Trainer, val: float, val_task: float | None,
       val_loss=val, val_unigram_entropy=run.data.val_unigram_entropy,
       tokens_per_sec=float(np.median(rates[1:] or rates)) if rates else 0.0,
       wall_time_sec=time.perf_counter() - t_start,
-      stopped_by=run.stop.signal_name, skipped_steps=trainer.health.total_skipped,
+      stopped_by=trainer.stop_name, skipped_steps=trainer.health.total_skipped,
       val_task_loss=val_task)
-  if run.stop.requested:
+  if trainer.stopped:
     return result
   if run.is_main:
     run.run_dir.write_summary(_summary(run, result))
