@@ -10,7 +10,9 @@ every process sees (a shared filesystem).
 Exit status: 0 when training finished or was stopped by SIGTERM/SIGINT
 (with a checkpoint saved; run the same command to resume), 2 for a bad
 config, bad arguments or bad data (nothing was trained), 3 when training
-diverged.
+diverged, 4 when a checkpoint did not fit on the disk (the earlier
+checkpoints are intact: free some space and run the same command to
+resume).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sys
 from ultramem_jax.config import ConfigError
 from ultramem_jax.data.corpora import DataError
 from ultramem_jax.parallel import distributed
+from ultramem_jax.training.checkpoint import CheckpointDiskFull
 from ultramem_jax.training.config import load_config
 from ultramem_jax.training.health import Diverged
 from ultramem_jax.training.trainer import train
@@ -73,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
   except Diverged as e:
     print(f"error: {e}", file=sys.stderr)
     return 3
+  except CheckpointDiskFull as e:
+    print(f"error: {e.strerror}", file=sys.stderr)
+    return 4
   return 0
 
 

@@ -9,7 +9,9 @@ runs its steps, and the report writes and prints the result.
 
 SIGTERM / SIGINT stop the loop after the current step with a checkpoint
 (training/signals.py); too many non-finite steps in a row raise
-``health.Diverged`` with the checkpoints left as they were.
+``health.Diverged`` with the checkpoints left as they were; a checkpoint
+that does not fit on the disk raises ``checkpoint.CheckpointDiskFull`` with
+the earlier checkpoints intact.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ class Trainer:
     try:
       while self.step < end and not self.stopped:
         self.train_step()
+        self.run.checkpointer.check_for_errors()  # a failed async save: now
         if self.step % train.log_every == 0 or self.step == end or self.stopped:
           self.flush()
         if self.stopped:
@@ -105,8 +108,7 @@ class Trainer:
     finally:
       self.progress.close()
       self.say = self.log
-      self.run.checkpointer.wait()
-      self.run.checkpointer.close()
+      self.run.checkpointer.close()  # waits; raises a failed last save
 
   def train_step(self) -> None:
     """One update; its metrics stay on the device until :meth:`flush`."""
