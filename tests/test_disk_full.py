@@ -198,3 +198,41 @@ def test_a_failed_async_write_surfaces_at_the_next_check(saved, monkeypatch):
   monkeypatch.undo()
   checkpointer.close()  # the error is not raised twice
   assert checkpoint_steps(saved) == [2, 4]
+
+
+# ------------------------------------------- eval.py on a damaged checkpoint
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory, text_dir):
+  """A run with checkpoints 2, 4 and 6 whose 6 has every array file cut to
+  half its length."""
+  root = tmp_path_factory.mktemp("damaged")
+  train(small(root, text_dir, "train.steps=6", "train.checkpoint_every=2"),
+        log=lambda s: None)
+  run = root / "run"
+  for victim in (run / "checkpoints" / "6" / "state").rglob("*"):
+    if victim.is_file() and victim.parent.name == "d":
+      with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size // 2)
+  return run
+
+
+@pytest.mark.parametrize("command", [["loss", "--no_progress"],
+                                     ["generate", "--prompt", "The",
+                                      "--max_new_tokens", "2"]])
+def test_eval_on_a_damaged_latest_checkpoint_names_the_steps_that_restore(
+    damaged, command):
+  before = _hashes(damaged)
+  # A fresh process: this one's tensorstore cache holds what it wrote.
+  done = subprocess.run([sys.executable, str(REPO / "eval.py"), command[0],
+                         "--run_dir", str(damaged), *command[1:]],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 2, done.stderr
+  message = done.stderr.strip().splitlines()[-1]
+  assert message.startswith(f"error: --step: checkpoint 6 in {damaged / 'checkpoints'} "
+                            "is damaged ("), done.stderr
+  assert message.endswith("the checkpoints that restore are at steps [2, 4]: "
+                          "pass --step 4"), message
+  assert "Traceback" not in done.stderr and "Event loop is closed" not in done.stderr
+  assert _hashes(damaged) == before  # nothing moved or written

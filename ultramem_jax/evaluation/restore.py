@@ -9,7 +9,7 @@ from typing import Any
 from ultramem_jax.config import ConfigError, apply_overrides
 from ultramem_jax.data.tokenizer import load_tokenizer
 from ultramem_jax.parallel.mesh import make_mesh, use_mesh
-from ultramem_jax.training.checkpoint import Checkpointer, abstract_like
+from ultramem_jax.training.checkpoint import Checkpointer, CheckpointMismatch, abstract_like
 from ultramem_jax.training.config import Config, from_dict
 from ultramem_jax.training.run_dir import RunDir, model_data_difference
 from ultramem_jax.training.state import create_state
@@ -77,6 +77,35 @@ def restore_run(run_dir: pathlib.Path, step: int | None,
     step = steps[-1]
   elif step not in steps:
     raise ConfigError(f"--step: got {step}; the run has checkpoints at steps {steps}")
-  mesh, graphdef, state, _ = restore_state(cfg, run.checkpoints, step)
+  mesh, graphdef, state, _ = _restore_or_explain(cfg, run, step, steps)
   return RestoredRun(cfg, step, mesh, graphdef, state,
                      load_tokenizer(run.tokenizer))
+
+
+def _reason(e: Exception) -> str:
+  text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+  return f"{type(e).__name__}: {text[:200]}"
+
+
+def _restore_or_explain(cfg: Config, run: RunDir, step: int, steps: list[int]):
+  """restore_state of `step`; when it is damaged (it does not restore or
+  its fingerprints differ), a ConfigError naming it and the steps that do
+  restore, for --step. Nothing is moved: evaluation leaves the run as it is
+  (training moves damaged checkpoints aside when it resumes)."""
+  try:
+    return restore_state(cfg, run.checkpoints, step)
+  except CheckpointMismatch:
+    raise
+  except Exception as e:  # noqa: BLE001 (anything unreadable is damage)
+    reason = _reason(e)
+  good = []
+  for other in sorted((s for s in steps if s != step), reverse=True):
+    try:
+      restore_state(cfg, run.checkpoints, other)
+      good.append(other)
+    except Exception:  # noqa: BLE001
+      continue
+  hint = (f"the checkpoints that restore are at steps {sorted(good)}: pass "
+          f"--step {good[0]}" if good else "no other checkpoint restores")
+  raise ConfigError(f"--step: checkpoint {step} in {run.checkpoints} is damaged "
+                    f"({reason}); {hint}")
