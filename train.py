@@ -12,7 +12,9 @@ Exit status: 0 when training finished or was stopped by SIGTERM/SIGINT
 config, bad arguments or bad data (nothing was trained), 3 when training
 diverged, 4 when a checkpoint did not fit on the disk (the earlier
 checkpoints are intact: free some space and run the same command to
-resume).
+resume), 128 + the signal's number (143 for SIGTERM) when SIGTERM/SIGINT
+arrived while the run was checked and its data prepared (nothing was
+trained or written).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ultramem_jax.parallel import distributed
 from ultramem_jax.training.checkpoint import CheckpointDiskFull
 from ultramem_jax.training.config import load_config
 from ultramem_jax.training.health import Diverged
+from ultramem_jax.training.signals import StoppedBeforeTraining
 from ultramem_jax.training.trainer import train
 
 
@@ -79,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
   except CheckpointDiskFull as e:
     print(f"error: {e.strerror}", file=sys.stderr)
     return 4
+  except StoppedBeforeTraining as e:
+    print(e, file=sys.stderr)
+    return e.exit_status
   return 0
 
 

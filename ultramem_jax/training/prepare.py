@@ -37,7 +37,7 @@ from ultramem_jax.training.evaluate import shard_batch
 from ultramem_jax.training.guards import check_writable
 from ultramem_jax.training.metrics import ScalarWriter
 from ultramem_jax.training.run_dir import RunDir, check_resume
-from ultramem_jax.training.signals import StopRequest
+from ultramem_jax.training.signals import RaiseBeforeTraining, StopRequest
 from ultramem_jax.training.state import create_state, param_count
 from ultramem_jax.training.step import make_eval_step, make_train_step
 
@@ -235,16 +235,17 @@ def prepare(cfg: Config, log: Log) -> Iterator[Prepared]:
   the mesh is in use and SIGTERM / SIGINT ask the run to stop (see
   training/signals.py)."""
   run = RunDir(cfg.train.run_dir)
-  check_mesh(cfg, None, jax.device_count())  # sizes and batch: before any data
-  check_writable(run.root)
-  resume_step, replace = check_resume(cfg)
-  if resume_step is not None:
-    run.check_process_count(resume_step)
-  cfg, data, tasks, new_tokenizer = _load_data(cfg, run, resume_step, log)
-  check_mesh(cfg, abstract_model(cfg), jax.device_count(), batch=False)
-  mesh = make_mesh(cfg.mesh)
-  shard = batch_shard(batch_sharding(mesh), cfg.data.batch_size)
-  _check_same_data(data)
+  with RaiseBeforeTraining("checking the run and preparing its data"):
+    check_mesh(cfg, None, jax.device_count())  # sizes and batch: before any data
+    check_writable(run.root)
+    resume_step, replace = check_resume(cfg)
+    if resume_step is not None:
+      run.check_process_count(resume_step)
+    cfg, data, tasks, new_tokenizer = _load_data(cfg, run, resume_step, log)
+    check_mesh(cfg, abstract_model(cfg), jax.device_count(), batch=False)
+    mesh = make_mesh(cfg.mesh)
+    shard = batch_shard(batch_sharding(mesh), cfg.data.batch_size)
+    _check_same_data(data)
   _write_run_dir(cfg, run, data, new_tokenizer, replace, log)
   log(_describe_mesh(mesh, *shard))
   with use_mesh(mesh), StopRequest(log) as stop:

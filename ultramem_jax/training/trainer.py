@@ -189,14 +189,27 @@ class Trainer:
     (nan, None) after a stop request, which it reports; closes the writers."""
     val, val_task = math.nan, None
     if self.stopped:
-      self.say(f"stopped by {self.run.stop.signal_name} after step {self.step}; "
-               f"checkpoint saved in {self.run.run_dir.checkpoint(self.step)}; run "
-               "the same command to resume")
+      self.say(self._stopped_message())
     else:
       scalars = self.validate(self.step)
       val, val_task = scalars["val/loss"], scalars.get("val/task_loss")
     self.run.writer.close()
     return val, val_task
+
+
+  def _stopped_message(self) -> str:
+    """What a stop request left: a checkpoint of the step reached, or, when
+    it came before the first step (during the compile), nothing new."""
+    name, run_dir = self.run.stop.signal_name, self.run.run_dir
+    if self.step > self.run.step:
+      return (f"stopped by {name} after step {self.step}; checkpoint saved in "
+              f"{run_dir.checkpoint(self.step)}; run the same command to resume")
+    if self.step == 0:
+      return (f"stopped by {name} before the first step; nothing was trained "
+              "and no checkpoint written; run the same command to start again")
+    return (f"stopped by {name} before the first step after the resume; "
+            f"checkpoint {run_dir.checkpoint(self.step)} is unchanged; run the "
+            "same command to resume")
 
 
 # ----------------------------------------------------------------------------- report
