@@ -15,13 +15,14 @@ import pathlib
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import pytest
 
 from ultramem_jax.training import checkpoint as checkpoint_lib
 from ultramem_jax.training.checkpoint import CheckpointDiskFull, Checkpointer
 from ultramem_jax.training.trainer import train
 
-from test_robustness import REPO, SMALL, _train_cmd, checkpoint_steps, logged_losses, small
+from test_robustness import REPO, _train_cmd, checkpoint_steps, logged_losses, small
 
 STEPS = 6
 
@@ -166,7 +167,7 @@ def test_save_refused_when_the_free_space_is_below_the_last_checkpoint(
   checkpointer = Checkpointer(ckpt, 3)
   try:
     with pytest.raises(CheckpointDiskFull) as info:
-      checkpointer.save(6, {"x": checkpoint_lib.jnp.zeros(4)}, None, {})
+      checkpointer.save(6, {"x": jnp.zeros(4)}, None, {})
   finally:
     checkpointer.close()
   assert info.value.errno == errno.ENOSPC

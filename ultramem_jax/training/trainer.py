@@ -102,6 +102,7 @@ class Trainer:
       if self.stopped and self.saved_at != self.step:
         self.flush()
         self.save(self.step)
+      self.run.checkpointer.wait()  # the last save's result, writers still open
     except BaseException:
       self.run.writer.close()
       raise
