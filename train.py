@@ -10,11 +10,16 @@ every process sees (a shared filesystem).
 Exit status: 0 when training finished or was stopped by SIGTERM/SIGINT
 (with a checkpoint saved; run the same command to resume), 2 for a bad
 config, bad arguments or bad data, or a train.run_dir in use by another
-training (nothing was trained), 3 when training diverged, 4 when another process of a multi-process run failed (its
-message is printed; every process stops within --failure_timeout), 1 for an
-unexpected error (in a multi-process run the others then stop with 4).
-A SIGTERM/SIGINT to one process of a multi-process run stops all of them
-after the same step, with one checkpoint.
+training (nothing was trained), 3 when training diverged, 4 when another
+process of a multi-process run failed (its message is printed; every
+process stops within --failure_timeout), 5 when a checkpoint did not fit on
+the disk (the earlier checkpoints are intact: free some space and run the
+same command to resume), 128 + the signal's number (143 for SIGTERM) when
+SIGTERM/SIGINT arrived while the run was checked and its data prepared
+(nothing was trained or written), 1 for an unexpected error (in a
+multi-process run the others then stop with 4). A SIGTERM/SIGINT to one
+process of a multi-process run stops all of them after the same step, with
+one checkpoint.
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ import sys
 from ultramem_jax.config import ConfigError
 from ultramem_jax.data.corpora import DataError
 from ultramem_jax.parallel import distributed, failure
+from ultramem_jax.training.checkpoint import CheckpointDiskFull
 from ultramem_jax.training.config import load_config
 from ultramem_jax.training.health import Diverged
+from ultramem_jax.training.signals import StoppedBeforeTraining
 from ultramem_jax.training.trainer import train
 
 
@@ -81,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     return failure.stop_all(f"error: {e}", 2)
   except Diverged as e:
     return failure.stop_all(f"error: {e}", 3)
+  except CheckpointDiskFull as e:
+    return failure.stop_all(f"error: {e.strerror}", 5)
+  except StoppedBeforeTraining as e:
+    return failure.stop_all(str(e), e.exit_status)
   except Exception as e:
     if not failure.active():
       raise

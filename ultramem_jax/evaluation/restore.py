@@ -17,7 +17,7 @@ from typing import Any
 from ultramem_jax.config import ConfigError, apply_overrides, require_writable_dir
 from ultramem_jax.data.tokenizer import load_tokenizer
 from ultramem_jax.parallel.mesh import make_mesh, use_mesh
-from ultramem_jax.training.checkpoint import Checkpointer, abstract_like
+from ultramem_jax.training.checkpoint import Checkpointer, CheckpointMismatch, abstract_like
 from ultramem_jax.training.config import Config, from_dict
 from ultramem_jax.training.run_dir import RunDir, is_checkpoint_step, model_data_difference
 from ultramem_jax.training.state import create_state
@@ -113,14 +113,17 @@ _DELETED_TRIES = 5
 def restore_listed(cfg: Config, run: RunDir, step: int, pinned: bool):
   """(mesh, graphdef, state, step) of checkpoint `step`; if a training
   deleted it while it was read, the newest step instead, unless `pinned`
-  (given as --step)."""
+  (given as --step). A step that is still there but does not restore is
+  damaged: :func:`_explain_damage` says so."""
   for _ in range(_DELETED_TRIES):
     try:
       mesh, graphdef, state, _ = restore_state(cfg, run.checkpoints, step)
       return mesh, graphdef, state, step
-    except Exception:
+    except CheckpointMismatch:
+      raise
+    except Exception as e:  # noqa: BLE001 (anything unreadable is damage)
       if is_checkpoint_step(run.checkpoint(step)):
-        raise  # still there: not a deletion
+        _explain_damage(cfg, run, step, e)  # still there: not a deletion
       latest = run.latest_checkpoint_step()
       if pinned or latest is None or latest <= step:
         raise ConfigError(
@@ -133,3 +136,27 @@ def restore_listed(cfg: Config, run: RunDir, step: int, pinned: bool):
       f"--run_dir: the training in {str(run.root)!r} deleted {_DELETED_TRIES} "
       "checkpoints in a row while they were read; pass --step of a recent one "
       "or evaluate once it has saved fewer")
+
+
+def _reason(e: Exception) -> str:
+  text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+  return f"{type(e).__name__}: {text[:200]}"
+
+
+def _explain_damage(cfg: Config, run: RunDir, step: int, error: Exception):
+  """Raises a ConfigError naming the damaged checkpoint `step` (it does not
+  restore, or its fingerprints differ) and the steps that do restore, for
+  --step. Nothing is moved: evaluation leaves the run as it is (training
+  moves damaged checkpoints aside when it resumes)."""
+  good = []
+  for other in sorted((s for s in run.checkpoint_steps() if s != step),
+                      reverse=True):
+    try:
+      restore_state(cfg, run.checkpoints, other)
+      good.append(other)
+    except Exception:  # noqa: BLE001
+      continue
+  hint = (f"the checkpoints that restore are at steps {sorted(good)}: pass "
+          f"--step {good[0]}" if good else "no other checkpoint restores")
+  raise ConfigError(f"--step: checkpoint {step} in {run.checkpoints} is damaged "
+                    f"({_reason(error)}); {hint}") from None

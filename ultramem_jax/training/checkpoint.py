@@ -14,12 +14,24 @@ one restores and verifies; each one that does not is reported and moved
 aside to ``<checkpoints>.unreadable/`` (never deleted). A checkpoint whose
 shapes differ from the model's is a configuration error, not damage: it
 stops the run with the first mismatched parameter named.
+
+A save that runs out of disk space raises :class:`CheckpointDiskFull`
+(naming the directory, the space the save needs and the space free): before
+it starts when the free space is below the size of the last checkpoint (or,
+for the first one, the bytes of the state), or as soon as the asynchronous
+write fails (:meth:`Checkpointer.check_for_errors`, called every step). The
+failed step's partial directory is removed; the checkpoints before it are
+left as they were.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import pathlib
 import shutil
+import sys
 import time
 from typing import Any, Callable
 
@@ -33,6 +45,75 @@ from ultramem_jax.config import ConfigError
 
 class CheckpointMismatch(ConfigError):
   """The checkpoint was written for a model of other shapes."""
+
+
+class CheckpointDiskFull(OSError):
+  """A checkpoint could not be written for lack of disk space."""
+
+
+_NO_SPACE = (f"[Errno {errno.ENOSPC}]", "No space left on device",
+             f"os_error_code='{errno.ENOSPC}'")
+
+
+def _is_no_space(e: BaseException) -> bool:
+  """Whether `e` (or an exception it was raised from) is ENOSPC; orbax and
+  tensorstore re-raise it as ValueError / RuntimeError with the text."""
+  while e is not None:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+      return True
+    if any(mark in str(e) for mark in _NO_SPACE):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def _megabytes(n: int) -> str:
+  return f"{n / 1e6:.1f} MB"
+
+
+def _tree_bytes(path: pathlib.Path) -> int:
+  return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _from_orbax(obj) -> bool:
+  code = getattr(obj, "cr_code", None) or getattr(obj, "__code__", None)
+  return "orbax" in getattr(code, "co_filename", "")
+
+
+class _QuietAbandonedWrites(logging.Filter):
+  """Drops orbax's logged copies of an out-of-space error (each array's
+  write logs its own traceback); the error itself reaches the trainer."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR or "orbax" not in record.pathname:
+      return True
+    text = record.getMessage()
+    if record.exc_info and record.exc_info[1] is not None:
+      text += str(record.exc_info[1])
+    return not any(mark in text for mark in _NO_SPACE)
+
+
+def _install_quiet_hooks() -> None:
+  """When one of orbax's reads or writes fails, orbax closes its event loop
+  while tensorstore still completes the others, whose callbacks then report
+  ``RuntimeError: Event loop is closed`` (and, at exit, the abandoned
+  coroutines their own errors) through sys.unraisablehook: one traceback per
+  array, after the failure has been reported or recovered from. Those are
+  dropped; every other unraisable error goes to the previous hook."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_ultramem_quiet", False):
+    return
+
+  def hook(unraisable) -> None:
+    value = unraisable.exc_value
+    if ((isinstance(value, RuntimeError) and str(value) == "Event loop is closed")
+        or _from_orbax(unraisable.object)):
+      return
+    previous(unraisable)
+
+  hook._ultramem_quiet = True
+  sys.unraisablehook = hook
+  logging.getLogger("absl").addFilter(_QuietAbandonedWrites())
 
 
 def _path_str(path) -> str:
@@ -83,6 +164,10 @@ class Checkpointer:
   def __init__(self, directory: str | pathlib.Path, max_to_keep: int):
     self.directory = pathlib.Path(directory).absolute()
     self.max_to_keep = max_to_keep
+    self._failed: CheckpointDiskFull | None = None
+    self._pending: int | None = None    # the step being written
+    self._estimate = ""                 # what the last save was expected to need
+    _install_quiet_hooks()
     self._manager = self._open()
 
   def _open(self) -> ocp.CheckpointManager:
@@ -100,11 +185,71 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_iter: grain.DatasetIterator,
            meta: dict) -> None:
+    """Starts writing checkpoint `step` (asynchronously). Raises
+    CheckpointDiskFull, before writing anything, when the last save failed
+    for lack of space or this one cannot fit."""
+    self.wait()  # the previous save's error, and its size on disk
+    self._check_space(step, state)
     meta = {**meta, "fingerprints": fingerprint(state)}
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iter),
-        meta=ocp.args.JsonSave(meta)))
+    self._pending = step
+    with self._translate(step):
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=grain.checkpoint.CheckpointSave(data_iter),
+          meta=ocp.args.JsonSave(meta)))
+
+  def _needed(self, state: Any) -> tuple[int, str]:
+    """(bytes, what they are): the size of the newest checkpoint on disk,
+    else the bytes of the state's arrays."""
+    steps = self.all_steps()
+    if steps:
+      return (_tree_bytes(self.directory / str(steps[-1])),
+              f"the size of checkpoint {steps[-1]}")
+    return (sum(x.nbytes for x in _leaves(state).values()
+                if isinstance(x, jax.Array)), "the size of the train state")
+
+  def _check_space(self, step: int, state: Any) -> None:
+    needed, what = self._needed(state)
+    free = shutil.disk_usage(self.directory).free
+    self._estimate = f"needs about {_megabytes(needed)} ({what})"
+    if free < needed:
+      raise self._disk_full(step, f"{self._estimate}, {_megabytes(free)} free")
+
+  def _disk_full(self, step: int, space: str) -> CheckpointDiskFull:
+    steps = [s for s in self.all_steps() if s != step]
+    kept = (f"the checkpoints before it are intact (latest: {steps[-1]})"
+            if steps else "no earlier checkpoint was written")
+    self._failed = CheckpointDiskFull(
+        errno.ENOSPC,
+        f"checkpoint {step}: not enough disk space in {self.directory}: "
+        f"{space}; {kept}; free some space and run the same command to resume")
+    return self._failed
+
+  @contextlib.contextmanager
+  def _translate(self, step: int | None):
+    """Turns an out-of-space error of the write of `step` into
+    CheckpointDiskFull, removing the step's partial directory."""
+    try:
+      yield
+    except CheckpointDiskFull:
+      raise
+    except Exception as e:  # noqa: BLE001 (only ENOSPC is translated)
+      if step is None or not _is_no_space(e):
+        raise
+      for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+        shutil.rmtree(partial, ignore_errors=True)
+      free = shutil.disk_usage(self.directory).free
+      raise self._disk_full(step, f"{self._estimate}; the write ran out of "
+                            f"space ({_megabytes(free)} free once its partial "
+                            "files were removed)") from None
+
+  def check_for_errors(self) -> None:
+    """Raises the error of an asynchronous save that has failed (without
+    waiting for one in progress)."""
+    if self._failed is not None:
+      raise self._failed
+    if self._pending is not None and not self._manager.is_saving_in_progress():
+      self.wait()
 
   def check_shapes(self, step: int, abstract_state: Any) -> None:
     """Raises CheckpointMismatch naming the first array whose shape in the
@@ -201,10 +346,24 @@ class Checkpointer:
     self._manager = self._open()
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for the save in progress; raises CheckpointDiskFull if it (or
+    an earlier one) ran out of space."""
+    if self._failed is not None:
+      raise self._failed
+    step, self._pending = self._pending, None
+    with self._translate(step):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.close()
+    """Waits for the save in progress and closes; after a failed save the
+    error has been raised already and is not raised again."""
+    if self._failed is None:
+      self.wait()
+    try:
+      self._manager.close()
+    except Exception:  # noqa: BLE001
+      if self._failed is None:
+        raise
 
 
 def abstract_like(state: Any) -> Any:

@@ -45,7 +45,7 @@ from ultramem_jax.training.metrics import ScalarWriter, truncate_logs
 from ultramem_jax.training.resume import restore_latest_agreed
 from ultramem_jax.training.run_dir import RunDir, check_resume
 from ultramem_jax.training.run_lock import RunLock
-from ultramem_jax.training.signals import StopRequest
+from ultramem_jax.training.signals import RaiseBeforeTraining, StopRequest
 from ultramem_jax.training.state import create_state, param_count
 from ultramem_jax.training.step import make_eval_step, make_train_step
 
@@ -268,6 +268,10 @@ def _build(cfg: Config, run: RunDir, data: TextData,
                   stop)
 
 
+# What a SIGTERM / SIGINT interrupts before the run directory is written.
+_BEFORE = "checking the run and preparing its data"
+
+
 @contextlib.contextmanager
 def prepare(cfg: Config, log: Log) -> Iterator[Prepared]:
   """Checks, loads and builds what the run of `cfg` needs; yields it while
@@ -275,8 +279,9 @@ def prepare(cfg: Config, log: Log) -> Iterator[Prepared]:
   training/signals.py). The run directory's lock is held throughout (taken
   after the config checks, before anything is decided or written)."""
   run = RunDir(cfg.train.run_dir)
-  check_mesh(cfg, None, jax.device_count())  # sizes and batch: before any data
-  check_writable(run.root)
+  with RaiseBeforeTraining(_BEFORE):
+    check_mesh(cfg, None, jax.device_count())  # sizes and batch: before any data
+    check_writable(run.root)
   with run.lock(log) as lock, _prepare_locked(cfg, run, lock, log) as prepared:
     yield prepared
 
@@ -285,16 +290,17 @@ def prepare(cfg: Config, log: Log) -> Iterator[Prepared]:
 def _prepare_locked(cfg: Config, run: RunDir, lock: RunLock, log: Log
                     ) -> Iterator[Prepared]:
   """:func:`prepare` once the run directory is this training's."""
-  resume_step, replace = check_resume(cfg)
-  if resume_step is not None:
-    run.check_process_count(resume_step)
-  planned_vocab = _check_planned(cfg, run, resume_step)
-  cfg, data, tasks, new_tokenizer = _load_data(cfg, run, resume_step, log)
-  if cfg.model.vocab_size != planned_vocab:  # the tokenizer came out smaller
-    check_mesh(cfg, abstract_model(cfg), jax.device_count(), batch=False)
-  mesh = make_mesh(cfg.mesh)
-  shard = batch_shard(batch_sharding(mesh), cfg.data.batch_size)
-  _check_same_data(data)
+  with RaiseBeforeTraining(_BEFORE):
+    resume_step, replace = check_resume(cfg)
+    if resume_step is not None:
+      run.check_process_count(resume_step)
+    planned_vocab = _check_planned(cfg, run, resume_step)
+    cfg, data, tasks, new_tokenizer = _load_data(cfg, run, resume_step, log)
+    if cfg.model.vocab_size != planned_vocab:  # the tokenizer came out smaller
+      check_mesh(cfg, abstract_model(cfg), jax.device_count(), batch=False)
+    mesh = make_mesh(cfg.mesh)
+    shard = batch_shard(batch_sharding(mesh), cfg.data.batch_size)
+    _check_same_data(data)
   _write_run_dir(cfg, run, data, new_tokenizer, replace, lock,
                  resume_step is not None, log)
   log(_describe_mesh(mesh, *shard))

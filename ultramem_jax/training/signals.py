@@ -1,7 +1,11 @@
 """Graceful preemption: the first SIGTERM or SIGINT asks the loop to stop
 after the current step (it then saves a checkpoint, flushes its logs and
 returns); a second one exits at once. Orbax makes a checkpoint visible only
-when it is complete, so exiting mid-save leaves the previous one intact."""
+when it is complete, so exiting mid-save leaves the previous one intact.
+
+While the run is still being checked and its data prepared (before anything
+is written to the run directory), a signal instead raises
+:class:`StoppedBeforeTraining` at once: there is nothing to save."""
 
 from __future__ import annotations
 
@@ -51,3 +55,38 @@ class StopRequest:
   @property
   def requested(self) -> bool:
     return self.signal_name is not None
+
+
+class StoppedBeforeTraining(Exception):
+  """A signal arrived before the run directory was written or any step
+  was run; ``exit_status`` is 128 + the signal's number."""
+
+  def __init__(self, signum: int, during: str):
+    self.signal_name = signal.Signals(signum).name
+    self.exit_status = 128 + signum
+    super().__init__(f"stopped by {self.signal_name} while {during}, before "
+                     "anything was trained or written to the run directory; "
+                     "run the same command to start again")
+
+
+class RaiseBeforeTraining:
+  """``with RaiseBeforeTraining("preparing the data"):`` turns SIGTERM /
+  SIGINT into StoppedBeforeTraining raised in the main thread."""
+
+  def __init__(self, during: str):
+    self._during = during
+    self._previous: dict[int, object] = {}
+
+  def __enter__(self) -> "RaiseBeforeTraining":
+    if threading.current_thread() is threading.main_thread():
+      for sig in SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous.clear()
+
+  def _handle(self, signum: int, frame) -> None:
+    raise StoppedBeforeTraining(signum, self._during)

@@ -10,7 +10,9 @@ runs its steps, and the report writes and prints the result.
 The run directory's lock (training/run_lock.py) is held from the checks to
 the report. SIGTERM / SIGINT stop the loop after the current step with a
 checkpoint (training/signals.py); too many non-finite steps in a row raise
-``health.Diverged`` with the checkpoints left as they were.
+``health.Diverged`` with the checkpoints left as they were; a checkpoint
+that does not fit on the disk raises ``checkpoint.CheckpointDiskFull`` with
+the earlier checkpoints intact.
 """
 
 from __future__ import annotations
@@ -113,6 +115,7 @@ class Trainer:
       while self.step < end and not self.stopped:
         self.train_step()
         self.agree_stop(end)
+        self.run.checkpointer.check_for_errors()  # a failed async save: now
         if self.step % train.log_every == 0 or self.step == end or self.stopped:
           self.flush()
         if self.stopped:
@@ -125,14 +128,14 @@ class Trainer:
       if self.stopped and self.saved_at != self.step:
         self.flush()
         self.save(self.step)
+      self.run.checkpointer.wait()  # the last save's result, writers still open
     except BaseException:
       self.run.writer.close()
       raise
     finally:
       self.progress.close()
       self.say = self.log
-      self.run.checkpointer.wait()
-      self.run.checkpointer.close()
+      self.run.checkpointer.close()  # waits; raises a failed last save
 
   def train_step(self) -> None:
     """One update; its metrics stay on the device until :meth:`flush`."""
@@ -216,14 +219,27 @@ class Trainer:
     (nan, None) after a stop request, which it reports; closes the writers."""
     val, val_task = math.nan, None
     if self.stopped:
-      self.say(f"stopped by {self.stop_name} after step {self.step}; "
-               f"checkpoint saved in {self.run.run_dir.checkpoint(self.step)}; run "
-               "the same command to resume")
+      self.say(self._stopped_message())
     else:
       scalars = self.validate(self.step)
       val, val_task = scalars["val/loss"], scalars.get("val/task_loss")
     self.run.writer.close()
     return val, val_task
+
+
+  def _stopped_message(self) -> str:
+    """What a stop request left: a checkpoint of the step reached, or, when
+    it came before the first step (during the compile), nothing new."""
+    name, run_dir = self.stop_name, self.run.run_dir
+    if self.step > self.run.step:
+      return (f"stopped by {name} after step {self.step}; checkpoint saved in "
+              f"{run_dir.checkpoint(self.step)}; run the same command to resume")
+    if self.step == 0:
+      return (f"stopped by {name} before the first step; nothing was trained "
+              "and no checkpoint written; run the same command to start again")
+    return (f"stopped by {name} before the first step after the resume; "
+            f"checkpoint {run_dir.checkpoint(self.step)} is unchanged; run the "
+            "same command to resume")
 
 
 # ----------------------------------------------------------------------------- report

@@ -1,0 +1,239 @@
+"""A full disk during a checkpoint save: one message, exit status 5, the
+earlier checkpoints untouched, and a clean resume once space is freed.
+
+The disk is a real one: a small tmpfs mounted on the run's checkpoint
+directory (where the machine lets the tests mount one; otherwise those tests
+are skipped and only the in-process ones, which fake the free space and the
+failed write, run)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+from ultramem_jax.training import checkpoint as checkpoint_lib
+from ultramem_jax.training.checkpoint import CheckpointDiskFull, Checkpointer
+from ultramem_jax.training.trainer import train
+
+from test_robustness import REPO, _train_cmd, checkpoint_steps, logged_losses, small
+
+STEPS = 6
+
+
+def _mount_tmpfs(where: pathlib.Path, size: str) -> bool:
+  where.mkdir(parents=True, exist_ok=True)
+  try:
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                           str(where)], capture_output=True, timeout=30)
+  except (OSError, subprocess.SubprocessError):
+    return False
+  return done.returncode == 0
+
+
+def _umount(where: pathlib.Path) -> None:
+  subprocess.run(["umount", str(where)], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A run directory whose checkpoints/ is an 8 MiB tmpfs (a checkpoint of
+  the small model takes about 1 MB); the tests fill it with a file."""
+  run = tmp_path / "run"
+  if not _mount_tmpfs(run / "checkpoints", "8m"):
+    pytest.skip("this machine does not allow mounting a tmpfs")
+  yield run
+  _umount(run / "checkpoints")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, text_dir):
+  """train/loss by step of an uninterrupted run of the same config."""
+  root = tmp_path_factory.mktemp("reference")
+  train(small(root, text_dir, f"train.steps={STEPS}", "train.checkpoint_every=2"),
+        log=lambda s: None)
+  return logged_losses(root / "run")
+
+
+def _cmd(run, text_dir, steps=STEPS, every=2):
+  cmd = _train_cmd(run, text_dir, steps)
+  cmd[cmd.index("train.checkpoint_every=1000")] = f"train.checkpoint_every={every}"
+  return cmd
+
+
+def _run(cmd):
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def _hashes(directory: pathlib.Path) -> dict[str, str]:
+  return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _fill(directory: pathlib.Path, leave: int) -> pathlib.Path:
+  """A file that leaves `leave` bytes free on `directory`'s file system."""
+  filler = directory / "filler"
+  free = os.statvfs(directory).f_bavail * os.statvfs(directory).f_frsize
+  with open(filler, "wb") as f:
+    f.write(b"\0" * max(free - leave, 0))
+  return filler
+
+
+def test_a_checkpoint_that_cannot_fit_stops_the_run_and_it_resumes(
+    small_disk, text_dir, reference):
+  run, ckpt = small_disk, small_disk / "checkpoints"
+  first = _run(_cmd(run, text_dir, steps=2))
+  assert first.returncode == 0, first.stderr
+  assert checkpoint_steps(run) == [2]
+  before = _hashes(ckpt / "2")
+  filler = _fill(ckpt, leave=300_000)
+
+  full = _run(_cmd(run, text_dir))
+  assert full.returncode == 5, full.stderr
+  assert full.stderr.strip().splitlines() == [full.stderr.strip()], full.stderr
+  message = full.stderr.strip()
+  assert message.startswith(
+      f"error: checkpoint 4: not enough disk space in {ckpt}: needs about "), message
+  assert "(the size of checkpoint 2)" in message and " MB free" in message
+  assert "the checkpoints before it are intact (latest: 2)" in message
+  assert "run the same command to resume" in message
+  assert "Traceback" not in full.stdout + full.stderr
+  assert checkpoint_steps(run) == [2]
+  assert _hashes(ckpt / "2") == before
+  assert not list(ckpt.glob("*orbax-checkpoint-tmp*"))
+
+  filler.unlink()
+  again = _run(_cmd(run, text_dir))
+  assert again.returncode == 0, again.stderr
+  assert f"resumed from {ckpt / '2'}" in again.stdout
+  assert "Traceback" not in again.stderr and "Event loop is closed" not in again.stderr
+  assert logged_losses(run) == reference
+  assert checkpoint_steps(run) == [2, 4, 6]
+
+
+def test_a_write_that_runs_out_of_space_stops_the_run_promptly(small_disk, text_dir):
+  """The free space passes the check (the state's bytes) but the checkpoint,
+  with its metadata, does not fit: the asynchronous write of step 20 fails,
+  and the run stops within a few steps, not at the next checkpoint (40)."""
+  run, ckpt = small_disk, small_disk / "checkpoints"
+  filler = _fill(ckpt, leave=600_000)
+  cmd = _cmd(run, text_dir, steps=40, every=20)
+  full = _run(cmd)
+  assert full.returncode == 5, full.stderr
+  message = full.stderr.strip()
+  assert message.splitlines() == [message], full.stderr
+  assert message.startswith(
+      f"error: checkpoint 20: not enough disk space in {ckpt}: needs about "), message
+  assert "(the size of the train state); the write ran out of space (" in message
+  assert "no earlier checkpoint was written" in message
+  assert "Traceback" not in full.stdout + full.stderr
+  assert 20 <= max(logged_losses(run)) < 35
+  assert checkpoint_steps(run) == []
+  assert not list(ckpt.glob("*orbax-checkpoint-tmp*"))
+
+  filler.unlink()
+  again = _run(cmd)
+  assert again.returncode == 0, again.stderr
+  assert "Traceback" not in again.stderr
+  assert sorted(logged_losses(run)) == list(range(1, 41))
+  assert checkpoint_steps(run) == [20, 40]
+
+
+# ------------------------------------------------- in process, faked space
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, text_dir):
+  """A run with checkpoints 2 and 4."""
+  root = tmp_path_factory.mktemp("saved")
+  train(small(root, text_dir, "train.steps=4", "train.checkpoint_every=2"),
+        log=lambda s: None)
+  return root / "run"
+
+
+def test_save_refused_when_the_free_space_is_below_the_last_checkpoint(
+    saved, monkeypatch):
+  ckpt = saved / "checkpoints"
+  before = _hashes(ckpt)
+  real = checkpoint_lib.shutil.disk_usage
+  monkeypatch.setattr(checkpoint_lib.shutil, "disk_usage",
+                      lambda p: real(p)._replace(free=1000))
+  checkpointer = Checkpointer(ckpt, 3)
+  try:
+    with pytest.raises(CheckpointDiskFull) as info:
+      checkpointer.save(6, {"x": jnp.zeros(4)}, None, {})
+  finally:
+    checkpointer.close()
+  assert info.value.errno == errno.ENOSPC
+  assert str(info.value.strerror) == (
+      f"checkpoint 6: not enough disk space in {ckpt}: needs about "
+      f"{checkpoint_lib._tree_bytes(ckpt / '4') / 1e6:.1f} MB (the size of "
+      "checkpoint 4), 0.0 MB free; the checkpoints before it are intact "
+      "(latest: 4); free some space and run the same command to resume")
+  assert _hashes(ckpt) == before
+
+
+def test_a_failed_async_write_surfaces_at_the_next_check(saved, monkeypatch):
+  ckpt = saved / "checkpoints"
+  checkpointer = Checkpointer(ckpt, 3)
+  failure = ValueError("RESOURCE_EXHAUSTED: Failed to write 73019 bytes to file "
+                       "5: No space left on device [os_error_code='28']")
+
+  def failed_wait():
+    raise failure
+
+  checkpointer._pending = 6
+  monkeypatch.setattr(checkpointer._manager, "is_saving_in_progress", lambda: False)
+  monkeypatch.setattr(checkpointer._manager, "wait_until_finished", failed_wait)
+  with pytest.raises(CheckpointDiskFull, match="checkpoint 6: not enough disk "
+                     "space .* the write ran out of space"):
+    checkpointer.check_for_errors()
+  with pytest.raises(CheckpointDiskFull):  # and again at the next save, not another error
+    checkpointer.save(8, {}, None, {})
+  monkeypatch.undo()
+  checkpointer.close()  # the error is not raised twice
+  assert checkpoint_steps(saved) == [2, 4]
+
+
+# ------------------------------------------- eval.py on a damaged checkpoint
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory, text_dir):
+  """A run with checkpoints 2, 4 and 6 whose 6 has every array file cut to
+  half its length."""
+  root = tmp_path_factory.mktemp("damaged")
+  train(small(root, text_dir, "train.steps=6", "train.checkpoint_every=2"),
+        log=lambda s: None)
+  run = root / "run"
+  for victim in (run / "checkpoints" / "6" / "state").rglob("*"):
+    if victim.is_file() and victim.parent.name == "d":
+      with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size // 2)
+  return run
+
+
+@pytest.mark.parametrize("command", [["loss", "--no_progress"],
+                                     ["generate", "--prompt", "The",
+                                      "--max_new_tokens", "2"]])
+def test_eval_on_a_damaged_latest_checkpoint_names_the_steps_that_restore(
+    damaged, command):
+  before = _hashes(damaged)
+  # A fresh process: this one's tensorstore cache holds what it wrote.
+  done = subprocess.run([sys.executable, str(REPO / "eval.py"), command[0],
+                         "--run_dir", str(damaged), *command[1:]],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 2, done.stderr
+  message = done.stderr.strip().splitlines()[-1]
+  assert message.startswith(f"error: --step: checkpoint 6 in {damaged / 'checkpoints'} "
+                            "is damaged ("), done.stderr
+  assert message.endswith("the checkpoints that restore are at steps [2, 4]: "
+                          "pass --step 4"), message
+  assert "Traceback" not in done.stderr and "Event loop is closed" not in done.stderr
+  assert _hashes(damaged) == before  # nothing moved or written
