@@ -11,9 +11,9 @@ import yaml
 
 from ultramem_jax.config import ConfigError, apply_overrides
 from ultramem_jax.model.abstract import abstract_model
-from ultramem_jax.model.config import FFNConfig, ModelConfig
+from ultramem_jax.model.config import FFNConfig
 from ultramem_jax.parallel.mesh import MeshConfig, check_mesh, mesh_shape
-from ultramem_jax.training.config import (Config, OptimizerConfig, ParamGroupConfig, TrainConfig, from_dict,
+from ultramem_jax.training.config import (Config, ParamGroupConfig, TrainConfig, from_dict,
                                           load_config, save_config, validate)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent

@@ -4,7 +4,6 @@ and the logged metrics."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import jax

