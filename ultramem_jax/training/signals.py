@@ -17,7 +17,29 @@ from typing import Callable
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class StopRequest:
+class _Handlers:
+  """SIGTERM / SIGINT go to ``self._handle`` while in use (``with``), in the
+  main thread only; the previous handlers come back on exit."""
+
+  _previous: dict[int, object]
+
+  def __enter__(self):
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous.clear()
+
+  def _handle(self, signum: int, frame) -> None:
+    raise NotImplementedError
+
+
+class StopRequest(_Handlers):
   """Installs the handlers while in use (``with StopRequest(log) as stop``);
   ``stop.signal_name`` is None until a signal arrives. ``agreed``: one
   process of several, which stop together at the next log step
@@ -28,18 +50,6 @@ class StopRequest:
     self._until = ("the steps up to the next log step, where every process "
                    "stops," if agreed else "the current step,")
     self.signal_name: str | None = None
-    self._previous: dict[int, object] = {}
-
-  def __enter__(self) -> "StopRequest":
-    if threading.current_thread() is threading.main_thread():
-      for sig in SIGNALS:
-        self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def __exit__(self, *exc) -> None:
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-    self._previous.clear()
 
   def _handle(self, signum: int, frame) -> None:
     name = signal.Signals(signum).name
@@ -69,24 +79,12 @@ class StoppedBeforeTraining(Exception):
                      "run the same command to start again")
 
 
-class RaiseBeforeTraining:
+class RaiseBeforeTraining(_Handlers):
   """``with RaiseBeforeTraining("preparing the data"):`` turns SIGTERM /
   SIGINT into StoppedBeforeTraining raised in the main thread."""
 
   def __init__(self, during: str):
     self._during = during
-    self._previous: dict[int, object] = {}
-
-  def __enter__(self) -> "RaiseBeforeTraining":
-    if threading.current_thread() is threading.main_thread():
-      for sig in SIGNALS:
-        self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def __exit__(self, *exc) -> None:
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-    self._previous.clear()
 
   def _handle(self, signum: int, frame) -> None:
     raise StoppedBeforeTraining(signum, self._during)
