@@ -142,7 +142,7 @@ def test_retrieval_against_brute_force(k_equals_n):
 
 
 @pytest.mark.parametrize("variant", ["ultramem_v2", "ultramem_v1", "memory_plus",
-                                     "peer"])
+                                     "peer", "ultramem_v2_keyexp2_shared"])
 def test_gradients_match_finite_differences(variant):
   """d/d(theta) of <Mem(h), R> along a random direction, for every
   parameter (queries via Wq and h, keys, norms, cores, values, pre-values,
@@ -233,6 +233,8 @@ def test_align_signs_flips_only_when_closer():
     (dict(layers="all", value_dim=9, tucker_cores=2, pre_value_dim=4),
      "model.memory.value_dim"),
     (dict(layers="all", value_expansion=3), "model.memory.value_expansion"),
+    (dict(layers="all", key_expansion=0), "model.memory.key_expansion"),
+    (dict(layers="all", n_keys=4, top_m=4, prefilter_k=8, key_expansion=2), None),
     (dict(layers="all", tucker_rank=1, per_rank_queries=False),
      "model.memory.per_rank_queries"),
     (dict(layers="0:9"), "model.memory.layers"),
