@@ -91,6 +91,37 @@ def test_layer_matches_per_token_reference(variant):
   assert np.abs(want).max() > 1e-3  # not a trivially zero output
 
 
+@pytest.mark.parametrize("memory, sizes", [
+    # (keys per side, rows R, slots of one value block, value blocks E)
+    (dict(n_keys=2, key_expansion=2), (4, 4, 16, 1)),
+    (dict(n_keys=2, key_expansion=2, value_expansion=4), (8, 4, 16, 4)),
+    (dict(n_keys=2, key_expansion=3), (6, 4, 36, 1)),
+    (dict(layers="0,1", n_keys=2, key_expansion=2, share_values=True), (4, 4, 16, 1)),
+])
+def test_key_expansion_geometry_and_fold(memory, sizes):
+  """docs/memory-layers.md, "Key expansion": X*n keys per side, X*X*R
+  slots per value block; slot q reads row (q mod R) + offset, block q div X*X*R."""
+  cfg = model_cfg({"layers": "all", "top_m": 4, "prefilter_k": 2,
+                   "value_dim": 8, "pre_value_dim": 4, **memory})
+  geo = memory_geometry(cfg)
+  assert (geo.keys_per_side, geo.rows_per_block, geo.block_slots,
+          geo.blocks) == sizes
+  ns = geo.keys_per_side
+  perm = jnp.arange(ns * ns)[::-1]   # q = ns*ns - 1 - s
+  rows, cols = jnp.array([3, 0, 1]), jnp.array([1, 2, 3])
+  ring = geo.table_rows if cfg.memory.share_values else None
+  offset = geo.block_offsets[-1]
+  p, e, _ = R.addresses(rows, cols, perm, keys_per_side=ns,
+                        rows_per_block=geo.rows_per_block, offset=offset,
+                        table_rows=ring, block_slots=geo.block_slots)
+  q = ns * ns - 1 - (rows * ns + cols)
+  want_p = (q % geo.rows_per_block + offset) % geo.table_rows
+  np.testing.assert_array_equal(p, want_p)
+  np.testing.assert_array_equal(e, 0 if ring else q // geo.block_slots)
+  if cfg.memory.share_values:
+    assert offset == 4 and geo.table_rows == 8
+
+
 def subkey_scores_np(layer, h):
   """S_row, S_col [N, H, ns, r] straight from the parameters (numpy)."""
   def norm(x, scale, axis):
