@@ -150,19 +150,31 @@ def reference_retrieval(params: dict, cfg: dict,
 
 def _address(params: dict, cfg: dict, i: int, j: int,
              ns: int) -> tuple[int, int]:
-  """Physical row p and value block e of grid pair (i, j) (step 5)."""
+  """Physical row p and value block e of grid pair (i, j) (step 5).
+
+  Key expansion X (the released code's mem_key_expand_time): the grid has
+  X*X times as many virtual slots as the value_num rows; the permuted index
+  q names group q // value_num and row (q % value_num + offset) % table
+  (the fold). The released code sums the X*X groups (value_expand_time 1);
+  with value expansion E on top, groups E*X*X in all, group g feeds value
+  block g // (X*X) and the X*X groups of one block are summed.
+  """
+  x = cfg.get("key_expansion", 1)
   s = i * ns + j
   q = int(params["perm"][s])
   if cfg.get("share_values", False):
     if cfg["value_expansion"] != 1:
       raise ValueError("shared values need value_expansion 1")
-    p = ((q % cfg["rows_per_layer"]) + cfg["offset"]) % cfg["table_rows"]
+    value_num = cfg["rows_per_layer"]
+    if q // value_num >= x * x:
+      raise ValueError(f"group {q // value_num} out of range")
+    p = ((q % value_num) + cfg["offset"]) % cfg["table_rows"]
     return p, 0
-  nn = cfg["n_keys"] * cfg["n_keys"]
-  p, e = q % nn, q // nn
-  if e >= cfg["value_expansion"]:
-    raise ValueError(f"block {e} out of range")
-  return p, e
+  value_num = cfg["n_keys"] * cfg["n_keys"]
+  group = q // value_num
+  if group >= cfg["value_expansion"] * x * x:
+    raise ValueError(f"group {group} out of range")
+  return q % value_num, group // (x * x)
 
 
 def reference_memory(params: dict, cfg: dict, h: np.ndarray) -> np.ndarray:

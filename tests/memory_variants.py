@@ -27,6 +27,20 @@ VARIANTS = {
     "ultramem_4cores": dict(layers="all", n_keys=5, key_dim=4, top_m=6,
                             prefilter_k=4, value_dim=8, tucker_cores=4,
                             value_init="ultramem"),
+    # Key expansion X (released mem_key_expand_time): X*n keys per side,
+    # X*X slots folded onto each row and summed; alone, with v1's value
+    # blocks on top, and on a shared ring.
+    "ultramem_v2_keyexp2": dict(layers="all", n_keys=3, key_dim=4, top_m=5,
+                                prefilter_k=4, value_dim=8, pre_value_dim=6,
+                                key_expansion=2),
+    "ultramem_v1_keyexp3": dict(layers="all", n_keys=2, key_dim=4, top_m=6,
+                                prefilter_k=5, heads=2, share_query=True,
+                                value_expansion=4, key_expansion=3,
+                                value_dim=6, value_init="ultramem"),
+    "ultramem_v2_keyexp2_shared": dict(
+        layers="0,1", n_keys=3, key_dim=4, top_m=5, prefilter_k=4,
+        value_dim=8, pre_value_dim=6, key_expansion=2, share_values=True,
+        share_ratio=1.0, per_rank_queries=False),
     "memory_plus": dict(layers="0,1,2", replace_ffn=True, score="sum",
                         tucker_rank=1, tucker_cores=1, n_keys=4, key_dim=4,
                         top_m=3, prefilter_k=3, heads=2,
@@ -48,7 +62,10 @@ VARIANTS = {
 RECIPE_NAMES = {
     "ultramem_v2": "UltraMemV2", "ultramem_v2_released_queries": "UltraMemV2",
     "ultramem_v2_gelu_4cores": "UltraMemV2", "ultramem_v1": "UltraMem v1",
-    "ultramem_4cores": "UltraMem v1", "memory_plus": "Memory+", "pkm": "PKM",
+    "ultramem_4cores": "UltraMem v1", "ultramem_v2_keyexp2": "UltraMemV2",
+    "ultramem_v1_keyexp3": "UltraMem v1",
+    "ultramem_v2_keyexp2_shared": "UltraMemV2",
+    "memory_plus": "Memory+", "pkm": "PKM",
     "peer": "PEER",
 }
 

@@ -148,7 +148,8 @@ def test_memory_counts_match_formula():
 @pytest.mark.parametrize("path,total_tol", [
     ("configs/tiny_ultramem_v2.yaml", 0.005), ("configs/tiny_ultramem.yaml", 0.005),
     ("configs/tiny_memory_plus.yaml", 0.02), ("configs/tiny_pkm.yaml", 0.02),
-    ("configs/tiny_peer.yaml", 0.03)])
+    ("configs/tiny_peer.yaml", 0.03),
+    ("configs/tiny_ultramem_v2_keyexp.yaml", 0.005)])
 def test_small_memory_configs_are_matched_to_tiny_moe(path, total_tol):
   """configs/README.md: the sparse CPU configs match tiny_moe in activated
   (0.1%) and total non-embedding parameters; tiny_dense matches the

@@ -91,6 +91,37 @@ def test_layer_matches_per_token_reference(variant):
   assert np.abs(want).max() > 1e-3  # not a trivially zero output
 
 
+@pytest.mark.parametrize("memory, sizes", [
+    # (keys per side, rows R, slots of one value block, value blocks E)
+    (dict(n_keys=2, key_expansion=2), (4, 4, 16, 1)),
+    (dict(n_keys=2, key_expansion=2, value_expansion=4), (8, 4, 16, 4)),
+    (dict(n_keys=2, key_expansion=3), (6, 4, 36, 1)),
+    (dict(layers="0,1", n_keys=2, key_expansion=2, share_values=True), (4, 4, 16, 1)),
+])
+def test_key_expansion_geometry_and_fold(memory, sizes):
+  """docs/memory-layers.md, "Key expansion": X*n keys per side, X*X*R
+  slots per value block; slot q reads row (q mod R) + offset, block q div X*X*R."""
+  cfg = model_cfg({"layers": "all", "top_m": 4, "prefilter_k": 2,
+                   "value_dim": 8, "pre_value_dim": 4, **memory})
+  geo = memory_geometry(cfg)
+  assert (geo.keys_per_side, geo.rows_per_block, geo.block_slots,
+          geo.blocks) == sizes
+  ns = geo.keys_per_side
+  perm = jnp.arange(ns * ns)[::-1]   # q = ns*ns - 1 - s
+  rows, cols = jnp.array([3, 0, 1]), jnp.array([1, 2, 3])
+  ring = geo.table_rows if cfg.memory.share_values else None
+  offset = geo.block_offsets[-1]
+  p, e, _ = R.addresses(rows, cols, perm, keys_per_side=ns,
+                        rows_per_block=geo.rows_per_block, offset=offset,
+                        table_rows=ring, block_slots=geo.block_slots)
+  q = ns * ns - 1 - (rows * ns + cols)
+  want_p = (q % geo.rows_per_block + offset) % geo.table_rows
+  np.testing.assert_array_equal(p, want_p)
+  np.testing.assert_array_equal(e, 0 if ring else q // geo.block_slots)
+  if cfg.memory.share_values:
+    assert offset == 4 and geo.table_rows == 8
+
+
 def subkey_scores_np(layer, h):
   """S_row, S_col [N, H, ns, r] straight from the parameters (numpy)."""
   def norm(x, scale, axis):
@@ -142,7 +173,7 @@ def test_retrieval_against_brute_force(k_equals_n):
 
 
 @pytest.mark.parametrize("variant", ["ultramem_v2", "ultramem_v1", "memory_plus",
-                                     "peer"])
+                                     "peer", "ultramem_v2_keyexp2_shared"])
 def test_gradients_match_finite_differences(variant):
   """d/d(theta) of <Mem(h), R> along a random direction, for every
   parameter (queries via Wq and h, keys, norms, cores, values, pre-values,
@@ -233,6 +264,8 @@ def test_align_signs_flips_only_when_closer():
     (dict(layers="all", value_dim=9, tucker_cores=2, pre_value_dim=4),
      "model.memory.value_dim"),
     (dict(layers="all", value_expansion=3), "model.memory.value_expansion"),
+    (dict(layers="all", key_expansion=0), "model.memory.key_expansion"),
+    (dict(layers="all", n_keys=4, top_m=4, prefilter_k=8, key_expansion=2), None),
     (dict(layers="all", tucker_rank=1, per_rank_queries=False),
      "model.memory.per_rank_queries"),
     (dict(layers="0:9"), "model.memory.layers"),

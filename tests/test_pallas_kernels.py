@@ -208,6 +208,8 @@ def test_kernels_lower_for_accelerators(platform, target, backend):
 V2 = TRAIN_V2 + ["model.memory.prefilter_k=3", "model.memory.value_activation=gelu",
                  "model.memory.key_balance=0.01", "model.memory.core_penalty=0.1"]
 V1 = TRAIN_V1
+# Key expansion 2: 8 keys per side folded onto 16 rows (blocks summed).
+V2_KEYEXP = TRAIN_V2 + ["model.memory.n_keys=4", "model.memory.key_expansion=2"]
 
 
 def tiny(tmp_path, memory, kernels):
@@ -221,7 +223,8 @@ def tiny(tmp_path, memory, kernels):
       "model.memory.init=released"])
 
 
-@pytest.mark.parametrize("memory", [V2, V1], ids=["ultramem_v2", "ultramem_v1"])
+@pytest.mark.parametrize("memory", [V2, V1, V2_KEYEXP],
+                         ids=["ultramem_v2", "ultramem_v1", "ultramem_v2_keyexp"])
 def test_train_step_pallas_equals_xla(tmp_path, memory):
   rows = np.random.default_rng(0).integers(0, 257, size=(2, 9))
   batch = {"inputs": jnp.asarray(rows[:, :-1], jnp.int32),

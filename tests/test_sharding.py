@@ -36,13 +36,14 @@ V2 = ["model.memory.layers=all", "model.memory.n_keys=6", "model.memory.key_dim=
 MESHES = [(1, 8), (2, 4), (4, 2), (8, 1)]
 
 
-def config(tmp_path, sharding="column", kernels="xla"):
+def config(tmp_path, sharding="column", kernels="xla", extra=()):
   return load_config("configs/tiny_dense.yaml", [
       "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
       "model.ffn.inner_dim=64", "model.vocab_size=257", "data.tokenizer=bytes",
       "data.seq_len=8", "data.batch_size=8", "optimizer.warmup_steps=0",
       f"train.run_dir={tmp_path / 'run'}", *V2,
-      f"model.memory.table_sharding={sharding}", f"model.memory.kernels={kernels}"])
+      f"model.memory.table_sharding={sharding}", f"model.memory.kernels={kernels}",
+      *extra])
 
 
 BATCH = np.random.default_rng(0).integers(0, 257, size=(8, 9))
@@ -180,6 +181,23 @@ def test_pallas_kernels_under_a_mesh(tmp_path, single):
   g = dict(nnx.to_flat_state(g))
   for path in grads0:
     close(g[path][...], grads0[path][...])
+
+
+@pytest.mark.parametrize("sharding", ["column", "row"])
+def test_keyexp_sharded_read_equals_one_device(tmp_path, sharding):
+  """Key expansion 2 (12 keys per side folded onto the 36 rows): the read
+  over a 2x4 mesh gives the one-device loss and gradients."""
+  cfg = config(tmp_path, sharding, extra=["model.memory.key_expansion=2"])
+  with use_mesh(single_device_mesh()):
+    *_, loss0, g0 = loss_and_grads(cfg, single_device_mesh())
+  mesh = make_mesh(MeshConfig(data=2, memory=4))
+  with use_mesh(mesh):
+    *_, loss, g = loss_and_grads(cfg, mesh)
+  assert abs(float(loss) - float(loss0)) <= 1e-6 * abs(float(loss0))
+  g0, g = dict(nnx.to_flat_state(g0)), dict(nnx.to_flat_state(g))
+  assert g.keys() == g0.keys() and g0[next(p for p in g0 if p[-1] == "keys")][...].shape[2] == 12
+  for path in g0:
+    close(g[path][...], g0[path][...])
 
 
 def test_column_sharding_needs_whole_cores(tmp_path):

@@ -2,7 +2,8 @@
 
 Plain Python (no JAX), so config validation, the model and ``inspect`` all
 read the same numbers. Symbols follow the spec: ``n`` keys per side of one
-value block, ``E`` implicit value expansion, ``L_mem`` memory layers.
+value block, ``E`` implicit value expansion, ``X`` key expansion, ``L_mem``
+memory layers.
 """
 
 from __future__ import annotations
@@ -54,11 +55,18 @@ def parse_placement(text: str | int, n_layers: int) -> list[tuple[int, int]]:
 @dataclasses.dataclass(frozen=True)
 class MemoryGeometry:
   placement: tuple[tuple[int, int], ...]
-  keys_per_side: int   # ns: sqrt(E) * n, or floor(sqrt(share_ratio * rows)) when shared
-  rows_per_block: int  # n*n, or ns*ns (the window a layer addresses) when shared
+  keys_per_side: int   # ns: X * sqrt(E) * n, or X * floor(sqrt(share_ratio * rows)) when shared
+  rows_per_block: int  # R: n*n, or the window a layer addresses when shared
   table_rows: int      # rows of one layer's table, or of the shared table
   blocks: int          # E
   block_offsets: tuple[int, ...]  # first row of each layer's window (shared)
+  key_expansion: int = 1          # X: X*X virtual slots fold onto each row
+
+  @property
+  def block_slots(self) -> int:
+    """Virtual slots of one value block: X*X*R (the slot permutation's
+    values q give the block q div X*X*R)."""
+    return self.key_expansion ** 2 * self.rows_per_block
 
   @property
   def num_layers(self) -> int:
@@ -73,13 +81,13 @@ def memory_geometry(model_cfg) -> MemoryGeometry:
   """Sizes of the memory layers of a ``ModelConfig`` (see ``MemoryConfig``)."""
   mem = model_cfg.memory
   placement = tuple(parse_placement(mem.layers, model_cfg.n_layers))
-  n, e = mem.n_keys, mem.value_expansion
+  n, e, x = mem.n_keys, mem.value_expansion, mem.key_expansion
   if mem.share_values:
     base_rows = n * n
     table_rows = base_rows * max(1, len(placement))
     ns = math.isqrt(int(mem.share_ratio * table_rows))
     offsets = tuple((l * base_rows) % table_rows for l in range(len(placement)))
-    return MemoryGeometry(placement, ns, ns * ns, table_rows, 1, offsets)
+    return MemoryGeometry(placement, x * ns, ns * ns, table_rows, 1, offsets, x)
   kt = math.isqrt(e)
-  return MemoryGeometry(placement, kt * n, n * n, n * n, e,
-                        tuple(0 for _ in placement))
+  return MemoryGeometry(placement, x * kt * n, n * n, n * n, e,
+                        tuple(0 for _ in placement), x)

@@ -69,6 +69,12 @@ class MemoryConfig:
   # address E virtual blocks of the n*n physical rows; each block's
   # weighted sum is kept apart and Wo reads all E. 1 disables it.
   value_expansion: int = 1
+  # X: key expansion (the released code's mem_key_expand_time): X*n keys per
+  # side (times sqrt(E)) address X*X times as many virtual slots as rows; a
+  # slot's permuted index folds onto a row modulo the rows, and the X*X
+  # blocks' weighted sums are added (not concatenated: Wo stays E*Dv -> d).
+  # 1 disables it. See docs/memory-layers.md, "Key expansion".
+  key_expansion: int = 1
   # One table of n*n*(memory layers) rows shared by every memory layer, each
   # reading a ring window of share_ratio of it (spec section 4); its keys per
   # side become floor(sqrt(share_ratio * rows)).
@@ -136,7 +142,8 @@ def _check_sizes(mem: MemoryConfig, ns: int) -> None:
   keys per side puts on K and top_m."""
   k = "model.memory"
   for key in ("heads", "n_keys", "key_dim", "tucker_rank", "tucker_cores",
-              "top_m", "value_expansion", "init_samples"):
+              "top_m", "value_expansion", "key_expansion",
+              "init_samples"):
     require(getattr(mem, key) >= 1, f"{k}.{key}", getattr(mem, key),
             "must be a positive integer")
   for key in ("prefilter_k", "value_dim", "pre_value_dim"):

@@ -112,6 +112,7 @@ class MemoryLayer(nnx.Module):
     self.heads, self.top_m = self.recipe.retrieval.heads, self.recipe.retrieval.top_m
     self.tucker = self.recipe.retrieval.tucker
     self.keys_per_side, self.rows_per_block = geo.keys_per_side, geo.rows_per_block
+    self.block_slots = geo.block_slots
     self.num_blocks, self.value_dim = geo.blocks, cfg.value_dim
     self.pre_value_dim = self.recipe.read.pre_value_dim
     self.offset, self.table_rows = geo.block_offsets[index], geo.table_rows

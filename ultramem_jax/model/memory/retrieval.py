@@ -174,16 +174,20 @@ def grid_top_m(r_sel: jax.Array, c_sel: jax.Array, top_rows: jax.Array,
 
 def addresses(rows: jax.Array, cols: jax.Array, perm: jax.Array, *,
               keys_per_side: int, rows_per_block: int, offset: int = 0,
-              table_rows: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+              table_rows: int | None = None,
+              block_slots: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Virtual slot s = i * ns + j, q = pi[s]. Returns (physical row p, value
   block e, window-local row q mod rows_per_block).
 
-  Own table: p = q mod n*n, e = q div n*n (E > 1 is UltraMem v1's implicit
-  value expansion). Shared ring (``table_rows`` given): p = ((q mod R) +
-  offset) mod table_rows, e = 0.
+  Own table: p = q mod n*n, e = q div (X*X*n*n) (``block_slots``, n*n
+  without key expansion; E > 1 is UltraMem v1's implicit value expansion).
+  Shared ring (``table_rows`` given): p = ((q mod R) + offset) mod
+  table_rows, e = 0. With key expansion X the X*X virtual slots that share
+  a row and a value block fold onto that row (the "fold": q mod R), and
+  their weighted values add up in block e.
   """
   q = perm[rows * keys_per_side + cols]
   local = q % rows_per_block
   if table_rows is not None:
     return (local + offset) % table_rows, jnp.zeros_like(q), local
-  return local, q // rows_per_block, local
+  return local, q // (block_slots or rows_per_block), local

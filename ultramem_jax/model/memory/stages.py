@@ -167,11 +167,14 @@ class Retrieval:
 
   def addresses(self, layer, kept: R.Retrieved):
     """5. Slot addressing through the fixed permutation: (physical row,
-    value block, window-local row), each [N, H, m]."""
+    value block, window-local row), each [N, H, m]. Key expansion needs
+    nothing else: its X*X folded slots per row land in one value block, so
+    the read's weighted sum adds them (the released code's block sum)."""
     return R.addresses(kept.rows, kept.cols, layer.perm[...],
                        keys_per_side=layer.keys_per_side,
                        rows_per_block=layer.rows_per_block, offset=layer.offset,
-                       table_rows=layer.table_rows if self.ring else None)
+                       table_rows=layer.table_rows if self.ring else None,
+                       block_slots=layer.block_slots)
 
   def observe(self, layer, kept: R.Retrieved, pre: dict) -> None:
     """The key-balance loss (when on) and the kept-score metrics."""
