@@ -13,14 +13,46 @@ blocks (implicit value expansion).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+  """x * Phi(x) with the error function: the released code's ``F.gelu``.
+  Written with ``lax.erf`` (which Mosaic lowers) rather than
+  ``jax.nn.gelu(approximate=False)``, whose ``erfc`` no kernel backend lowers."""
+  return 0.5 * x * (1.0 + jax.lax.erf(x * math.sqrt(0.5)))
+
+
+# "gelu" is the tanh approximation; "gelu_exact" the erf form.
 ACTIVATIONS = {
     "none": lambda x: x,
     "gelu": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_exact": gelu_exact,
     "relu": jax.nn.relu,
     "silu": jax.nn.silu,
+}
+
+
+def _erf_from_exp(x: jax.Array) -> jax.Array:
+  """erf within 1.5e-7 (Abramowitz and Stegun 7.1.26), from exp and a
+  polynomial only: about float32's rounding, for kernels whose backend
+  lowers no erf (Triton)."""
+  ax = jnp.abs(x)
+  t = 1.0 / (1.0 + 0.3275911 * ax)
+  poly = t * (0.254829592 + t * (-0.284496736 + t * (
+      1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+  y = 1.0 - poly * jnp.exp(-ax * ax)
+  return jnp.where(x < 0, -y, y)
+
+
+# The activations as the Triton kernel body computes them (float32):
+# the same table, with erf built from exp.
+TRITON_ACTIVATIONS = {
+    **ACTIVATIONS,
+    "gelu_exact": lambda x: 0.5 * x * (1.0 + _erf_from_exp(x * math.sqrt(0.5))),
 }
 
 

@@ -15,7 +15,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels.chunks import chunk_ids, column_weights, core_sums, select_block
-from pallas_kernels.reference import ACTIVATIONS
+from pallas_kernels.reference import TRITON_ACTIVATIONS
 
 
 def _gather(table, idx, width: int, width_pad: int):
@@ -49,7 +49,7 @@ def forward_kernel(*refs, sc: int, hc: int, e: int, dv: int, dp: int,
       prow = _gather(p_ref, idx, dp, z_ref.shape[-1])
       a = jnp.sum(prow * z_ref[...].astype(jnp.float32)[:, None, :], axis=2)
       a_ref[:, sl] = a
-      f = ACTIVATIONS[activation](a)
+      f = TRITON_ACTIVATIONS[activation](a)
       w = [wc * f for wc in w]
     contrib = column_weights(w, chunk) * _gather(v_ref, idx, dv, dv_pad)
     if blk_ref is None:

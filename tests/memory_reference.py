@@ -24,9 +24,12 @@ def _rms_norm(x: np.ndarray, scale: np.ndarray, eps: float) -> np.ndarray:
 
 
 def _activation(x: float, name: str) -> float:
-  """Scalar value activation ("none", "gelu" (tanh), "relu", "silu")."""
+  """Scalar value activation ("none", "gelu" (tanh), "gelu_exact" (erf),
+  "relu", "silu")."""
   if name == "none":
     return x
+  if name == "gelu_exact":
+    return 0.5 * x * (1.0 + math.erf(x / math.sqrt(2.0)))
   if name == "gelu":
     return 0.5 * x * (1.0 + math.tanh(math.sqrt(2.0 / math.pi)
                                       * (x + 0.044715 * x ** 3)))

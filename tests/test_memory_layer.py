@@ -122,6 +122,22 @@ def test_key_expansion_geometry_and_fold(memory, sizes):
     assert offset == 4 and geo.table_rows == 8
 
 
+def test_gelu_exact_layer_matches_per_token_reference():
+  """value_activation: gelu_exact (the erf form, the released code's F.gelu)
+  against the reference's math.erf, and not the tanh form."""
+  memory = {**VARIANTS["ultramem_v2_gelu_4cores"], "value_activation": "gelu_exact"}
+  cfg = model_cfg(memory)
+  layer, table = make_layer(cfg)
+  h = 2.0 * np.random.default_rng(1).normal(size=(2, 5, cfg.d_model))
+  got = np.asarray(layer(jnp.asarray(h))).reshape(-1, cfg.d_model)
+  params, ref_cfg = reference_inputs(layer, table, cfg)
+  want = reference_memory(params, ref_cfg, h.reshape(-1, cfg.d_model))
+  np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+  tanh = reference_memory(params, {**ref_cfg, "value_activation": "gelu"},
+                          h.reshape(-1, cfg.d_model))
+  assert np.abs(want - tanh).max() > 1e-6
+
+
 def subkey_scores_np(layer, h):
   """S_row, S_col [N, H, ns, r] straight from the parameters (numpy)."""
   def norm(x, scale, axis):

@@ -151,6 +151,42 @@ def test_value_read_bfloat16_tables(backend):
   close(g, g_ref, 1e-2)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_value_read_gelu_exact_matches_reference(backend):
+  """The erf GELU (the released code's pre-value activation) in both
+  bodies, values and gradients; the Triton body's erf is built from exp."""
+  slots, _, args = read_inputs(2, True, 1)
+  args["z"] = args["z"] * 2.0  # pre-value products out to |a| ~ 10
+  out = value_read(slots, **args, activation="gelu_exact", backend=backend,
+                   interpret=True)
+  ref = value_read_reference(slots, **args, activation="gelu_exact")
+  close(out, ref, 1e-5)
+  tanh = value_read_reference(slots, **args, activation="gelu")
+  assert np.max(np.abs(np.asarray(ref - tanh))) > 1e-4  # not the tanh form
+  grad = lambda fn: jax.grad(lambda z: jnp.sum(fn(
+      slots, args["weights"], args["values"], z=z, pre_values=args["pre_values"],
+      activation="gelu_exact")))(args["z"])
+  close(grad(lambda *a, **kw: value_read(*a, **kw, backend=backend,
+                                         interpret=True)),
+        grad(value_read_reference), 1e-5)
+
+
+@pytest.mark.parametrize("platform,target,backend", [
+    ("tpu", "tpu_custom_call", "tpu"),
+    ("cuda", "__gpu$xla.gpu.triton", "triton"),
+])
+def test_gelu_exact_kernel_lowers(platform, target, backend):
+  slots, _, args = read_inputs(1, True, 1, n=64, s=32, rows=100, dv=128, dp=128)
+
+  def read(values, z):
+    return jnp.sum(value_read(slots, args["weights"], values, z=z,
+                              pre_values=args["pre_values"],
+                              activation="gelu_exact", backend=backend))
+
+  text = lower_text(read, args["values"], args["z"], platform=platform)
+  assert kernel_calls(text, target) == 1
+
+
 def test_value_read_rejects_bad_input():
   slots, _, args = read_inputs(3, False, 1)
   with pytest.raises(ValueError, match="not divisible by the 3 cores"):

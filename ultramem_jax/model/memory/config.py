@@ -57,7 +57,7 @@ class MemoryConfig:
   # false: the pre-value input is h itself (PEER), so Dp must equal d_model.
   pre_value_proj: bool = True
   # Applied to the pre-value products a_k (PEER: gelu; the paper: none).
-  value_activation: Literal["none", "gelu", "relu", "silu"] = "none"
+  value_activation: Literal["none", "gelu", "gelu_exact", "relu", "silu"] = "none"
   # "none": kept scores weight the values raw (UltraMem); "softmax" over
   # each head's top-m (PKM, Memory+, PEER; needs tucker_cores = 1).
   normalize_scores: Literal["none", "softmax"] = "none"
