@@ -22,7 +22,8 @@ from ultramem_jax.training import checkpoint as checkpoint_lib
 from ultramem_jax.training.checkpoint import CheckpointDiskFull, Checkpointer
 from ultramem_jax.training.trainer import train
 
-from test_robustness import REPO, _train_cmd, checkpoint_steps, logged_losses, small
+from test_robustness import (REPO, _train_cmd, checkpoint_steps, damage_checkpoint,
+                             logged_losses, small)
 
 STEPS = 6
 
@@ -212,10 +213,7 @@ def damaged(tmp_path_factory, text_dir):
   train(small(root, text_dir, "train.steps=6", "train.checkpoint_every=2"),
         log=lambda s: None)
   run = root / "run"
-  for victim in (run / "checkpoints" / "6" / "state").rglob("*"):
-    if victim.is_file() and victim.parent.name == "d":
-      with open(victim, "r+b") as f:
-        f.truncate(victim.stat().st_size // 2)
+  damage_checkpoint(run / "checkpoints" / "6")
   return run
 
 

@@ -20,6 +20,7 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from test_robustness import SMALL
 from ultramem_jax.config import ConfigError
 from ultramem_jax.training.checkpoint import CheckpointMismatch
 from ultramem_jax.training.config import load_config
@@ -29,10 +30,6 @@ from ultramem_jax.training.run_lock import LOCK_FILE
 from ultramem_jax.training.trainer import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2",
-         "model.ffn.inner_dim=64", "data.tokenizer=bytes", "data.seq_len=32",
-         "data.batch_size=8", "data.val_fraction=0.1", "optimizer.warmup_steps=1",
-         "train.log_every=1", "train.eval_every=1000", "train.progress_bar=false"]
 PARTIAL = '{"step": 9999, "train/lo'
 
 

@@ -26,6 +26,7 @@ import time
 import pytest
 
 from tests.test_multiprocess import ROOT, environment, free_port, start, wait_all
+from tests.test_robustness import damage_checkpoint
 from ultramem_jax.training.run_dir import checkpoint_steps
 
 FAILURE_TIMEOUT = 8
@@ -111,16 +112,6 @@ def test_an_exception_in_one_process_stops_both(tmp_path, text_dir):
   assert checkpoint_steps(run) == [2, 4]
 
 
-def _damage(step_dir: pathlib.Path) -> None:
-  """Every array-data file of the state cut to half its length."""
-  victims = [p for p in (step_dir / "state").rglob("*")
-             if p.is_file() and p.parent.name == "d"]
-  assert victims
-  for victim in victims:
-    with open(victim, "r+b") as f:
-      f.truncate(victim.stat().st_size // 2)
-
-
 def test_sigterm_to_one_stops_both_at_one_step_and_damage_is_agreed(
     tmp_path, text_dir):
   run = tmp_path / "run"
@@ -150,7 +141,7 @@ def test_sigterm_to_one_stops_both_at_one_step_and_damage_is_agreed(
 
   # The latest checkpoint damaged: both resume from the one before.
   previous = checkpoint_steps(run)[-2]
-  _damage(run / "checkpoints" / str(last))
+  damage_checkpoint(run / "checkpoints" / str(last))
   procs, logs = launch(tmp_path, "resume", text_dir,
                        f"train.steps={last + 1}", *common)
   wait_all(procs, logs)

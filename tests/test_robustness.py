@@ -29,6 +29,17 @@ SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2",
          "train.log_every=1", "train.eval_every=1000", "train.progress_bar=false"]
 
 
+def damage_checkpoint(step_dir: pathlib.Path) -> None:
+  """Every array-data file of a checkpoint step's state cut to half its
+  length (a crash or a full disk mid-write)."""
+  victims = [p for p in (step_dir / "state").rglob("*")
+             if p.is_file() and p.parent.name == "d"]
+  assert victims
+  for victim in victims:
+    with open(victim, "r+b") as f:
+      f.truncate(victim.stat().st_size // 2)
+
+
 def small(tmp_path, source, *extra):
   return load_config(REPO / "configs/tiny_dense.yaml",
                      SMALL + [f"data.source={source}",

@@ -11,7 +11,8 @@ import subprocess
 import pytest
 
 from conftest import make_documents
-from test_robustness import REPO, _train_cmd, checkpoint_steps, logged_losses, small
+from test_robustness import (REPO, _train_cmd, checkpoint_steps, damage_checkpoint,
+                             logged_losses, small)
 from ultramem_jax.training.trainer import train
 
 
@@ -74,10 +75,7 @@ def test_resume_past_a_damaged_checkpoint_prints_no_traceback(tmp_path, text_dir
   train(small(tmp_path, text_dir, "train.steps=6", "train.checkpoint_every=2"),
         log=lambda s: None)
   run = tmp_path / "run"
-  for victim in (run / "checkpoints" / "6" / "state").rglob("*"):
-    if victim.is_file() and victim.parent.name == "d":
-      with open(victim, "r+b") as f:
-        f.truncate(victim.stat().st_size // 2)
+  damage_checkpoint(run / "checkpoints" / "6")
   cmd = _train_cmd(run, text_dir, 8)
   cmd[cmd.index("train.checkpoint_every=1000")] = "train.checkpoint_every=2"
   done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -33,8 +33,7 @@ import numpy as np
 from flax import nnx
 
 from ultramem_jax.config import ConfigError
-from ultramem_jax.data.tokenizer import load_tokenizer
-from ultramem_jax.evaluation.restore import load_run_config, restore_run
+from ultramem_jax.evaluation.restore import restore_run
 from ultramem_jax.evaluation.sampling import sample, step_keys
 from ultramem_jax.model.abstract import abstract_model
 from ultramem_jax.model.config import ModelConfig
@@ -43,7 +42,6 @@ from ultramem_jax.parallel.mesh import use_mesh
 from ultramem_jax.parallel.tokens import token_shards
 from ultramem_jax.training.memory_budget import check_generate_memory
 from ultramem_jax.training.metrics import Progress
-from ultramem_jax.training.run_dir import RunDir
 
 
 def add_parser(sub) -> None:
@@ -230,28 +228,26 @@ def model_only(graphdef: nnx.GraphDef, state: nnx.State
   return nnx.split(model)
 
 
-def _check_fits(args: argparse.Namespace, prompts: list[str]) -> list[np.ndarray]:
-  """The prompts' ids (after the separator); ConfigError when the key/value
-  cache for them and --max_new_tokens cannot fit (training/memory_budget.py),
-  checked from the saved config and the abstract model."""
-  cfg = load_run_config(args.run_dir, args.overrides)
-  tok_path = RunDir(args.run_dir).tokenizer
-  if not tok_path.is_file():
-    raise ConfigError(f"--run_dir: {str(args.run_dir)!r} has no {tok_path.name}; "
-                      "expected the directory of a training run")
-  tok = load_tokenizer(tok_path)
-  ids = [np.concatenate([[tok.sep_id], p]).astype(np.int32)
-         for p in tok.encode_batch(prompts)]
-  check_generate_memory(cfg, abstract_model(cfg), len(ids),
-                        max(len(p) for p in ids), args.max_new_tokens)
-  return ids
+def _prompt_ids(tok, prompts: list[str]) -> list[np.ndarray]:
+  """Each prompt's token ids after the separator."""
+  return [np.concatenate([[tok.sep_id], p]).astype(np.int32)
+          for p in tok.encode_batch(prompts)]
 
 
 def run(args: argparse.Namespace) -> int:
   check_sampling(args.temperature, args.top_p, args.max_new_tokens)
   prompts = read_prompts(args)
-  ids = _check_fits(args, prompts)  # before anything is restored or allocated
-  restored = restore_run(args.run_dir, args.step, args.overrides)
+
+  def check_fits(cfg, tok) -> None:
+    """ConfigError when the key/value cache for the prompts and
+    --max_new_tokens cannot fit (training/memory_budget.py), from the saved
+    config and the abstract model: before anything is restored."""
+    ids = _prompt_ids(tok, prompts)
+    check_generate_memory(cfg, abstract_model(cfg), len(ids),
+                          max(len(p) for p in ids), args.max_new_tokens)
+
+  restored = restore_run(args.run_dir, args.step, args.overrides, check_fits)
+  ids = _prompt_ids(restored.tokenizer, prompts)
   tok = restored.tokenizer
   cfg = restored.cfg
   longest = max(len(p) for p in ids) + args.max_new_tokens - 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 from ultramem_jax.config import ConfigError, apply_overrides, require_writable_dir
 from ultramem_jax.data.tokenizer import load_tokenizer
@@ -85,13 +85,23 @@ def restore_state(cfg: Config, checkpoints: pathlib.Path, step: int):
   return mesh, graphdef, state, meta
 
 
-def restore_run(run_dir: pathlib.Path, step: int | None,
-                overrides: list[str]) -> RestoredRun:
+def restore_run(run_dir: pathlib.Path, step: int | None, overrides: list[str],
+                before_restore: Callable[[Config, Any], None] | None = None
+                ) -> RestoredRun:
   """Restores checkpoint `step` (the latest when None) of a run onto the
-  mesh of its config (as overridden). Call inside nothing; the returned
-  mesh is to be entered with ``use_mesh`` for computations on the state."""
+  mesh of its config (as overridden). `before_restore(cfg, tokenizer)` runs
+  once the config and tokenizer are read and before any state is built (a
+  check that raises ConfigError stops it there). Call inside nothing; the
+  returned mesh is to be entered with ``use_mesh`` for computations on the
+  state."""
   cfg = load_run_config(run_dir, overrides)
   run = RunDir(run_dir)
+  if not run.tokenizer.is_file():
+    raise ConfigError(f"--run_dir: {str(run_dir)!r} has no {run.tokenizer.name}; "
+                      "expected the directory of a training run")
+  tokenizer = load_tokenizer(run.tokenizer)
+  if before_restore is not None:
+    before_restore(cfg, tokenizer)
   steps = run.checkpoint_steps()
   if not steps:
     raise ConfigError(f"--run_dir: {str(run_dir)!r} holds no checkpoint")
@@ -101,8 +111,7 @@ def restore_run(run_dir: pathlib.Path, step: int | None,
   elif step not in steps:
     raise ConfigError(f"--step: got {step}; the run has checkpoints at steps {steps}")
   mesh, graphdef, state, step = restore_listed(cfg, run, step, pinned)
-  return RestoredRun(cfg, step, mesh, graphdef, state,
-                     load_tokenizer(run.tokenizer))
+  return RestoredRun(cfg, step, mesh, graphdef, state, tokenizer)
 
 
 # A training that saves faster than a restore reads could delete every step
