@@ -75,6 +75,18 @@ class ModelConfig:
   # `param_dtype`. float64 (for numerical checks) needs JAX_ENABLE_X64=1.
   dtype: Literal["float32", "bfloat16", "float64"] = "float32"
   param_dtype: Literal["float32", "bfloat16", "float64"] = "float32"
+  # Activation rematerialisation of each block in training (jax.checkpoint):
+  # `none` keeps every activation for the backward pass; `full` keeps only
+  # each block's input and recomputes the rest; `save_dots` keeps the
+  # outputs of matrix multiplications (recomputes norms, activations and
+  # softmaxes); `save_dots_and_retrieval` also keeps the memory layer's
+  # retrieved slot indices and scores, so the backward pass does not redo
+  # the top-k.
+  remat: Literal["none", "full", "save_dots",
+                 "save_dots_and_retrieval"] = "none"
+  # Run the blocks as one scanned block over stacked parameters (nnx.scan):
+  # compile time independent of n_layers.
+  scan_layers: bool = False
 
   @property
   def kv_heads(self) -> int:

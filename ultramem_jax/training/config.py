@@ -85,6 +85,9 @@ class TrainConfig:
   # A training loss above spike_factor x the mean of the last 100 is logged
   # as a spike (train/loss_spike); 0 disables.
   spike_factor: float = 3.0
+  # Each batch is split into this many microbatches whose gradients are
+  # summed inside the jitted step (data.batch_size must divide evenly).
+  grad_accum_steps: int = 1
   # Fault injection for tests: comma-separated steps whose loss is made NaN.
   fault_nan_steps: str | int = ""
   # Fault injection for tests: "P@S" makes process P raise at step S.
@@ -151,6 +154,9 @@ def validate(cfg: Config) -> None:
   validate_train(cfg.train)
   validate_optimizer(cfg.optimizer)
   o, t = cfg.optimizer, cfg.train
+  require(cfg.data.batch_size % t.grad_accum_steps == 0,
+          "train.grad_accum_steps", t.grad_accum_steps,
+          f"must divide data.batch_size={cfg.data.batch_size}")
   require(o.warmup_steps < t.steps, "optimizer.warmup_steps", o.warmup_steps,
           f"must be smaller than train.steps={t.steps}")
   validate_mesh(cfg.mesh)
@@ -159,7 +165,7 @@ def validate(cfg: Config) -> None:
 def validate_train(t: TrainConfig) -> None:
   """The rules of the ``train`` section."""
   for key in ("steps", "log_every", "eval_every", "checkpoint_every",
-              "max_to_keep", "max_skipped_steps"):
+              "max_to_keep", "max_skipped_steps", "grad_accum_steps"):
     require(getattr(t, key) > 0, f"train.{key}", getattr(t, key),
             "must be a positive integer")
   require(t.max_to_keep >= 2, "train.max_to_keep", t.max_to_keep,
