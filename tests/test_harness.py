@@ -347,3 +347,15 @@ def test_importing_the_harness_does_not_import_torch():
                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.strip() == "[]"
+
+
+def test_bad_arguments_are_refused_before_anything_is_built(tmp_path, capsys):
+  main = eval_main()
+  assert main(["harness", "--run_dir", str(tmp_path), "--tasks", "paper"]) == 2
+  assert "has no config.yaml" in capsys.readouterr().err
+  for flag, value, needle in [("--batch_size", "0", "--batch_size: got 0"),
+                              ("--limit", "0", "--limit: got 0"),
+                              ("--num_fewshot", "-1", "--num_fewshot: got -1")]:
+    assert main(["harness", "--run_dir", str(tmp_path), "--tasks", "paper",
+                 flag, value]) == 2
+    assert needle in capsys.readouterr().err

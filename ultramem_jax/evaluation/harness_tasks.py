@@ -15,7 +15,6 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
-from lm_eval.api.group import Group
 from lm_eval.tasks import TaskManager
 
 from ultramem_jax.config import ConfigError
@@ -101,7 +100,3 @@ def load_tasks(manager: TaskManager, names: list[str]) -> list[Any]:
     else:   # a tag: its tasks
       built.extend(loaded["tasks"].values())
   return built
-
-
-def is_group(obj: Any) -> bool:
-  return isinstance(obj, Group)
