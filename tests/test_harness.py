@@ -68,10 +68,11 @@ KINDS = {
 }
 SEP = ByteTokenizer.sep_id
 # (context, continuation): plain, empty context, trailing space moved to
-# the continuation, and a context longer than the window (truncated).
+# the continuation, a context longer than the window (truncated), and two
+# answers that differ only in their last token (they share a row).
 PAIRS = [("The cat", " sat."), ("", "Hello"), ("A river ", "runs"),
          ("x" * 7 + "a long context past the window", " end"),
-         ("one", " two three four")]
+         ("one", " two three four"), ("Q:", " A"), ("Q:", " B")]
 
 
 def requests(kind: str, args_list) -> list[Instance]:
@@ -143,7 +144,9 @@ def reference_pair(context: str, continuation: str) -> tuple[list[int], int]:
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_loglikelihood_is_minus_the_summed_token_losses(models, mesh, kind):
   graphdef, params, _ = models[kind]
-  got = make_lm(models, kind, mesh).loglikelihood(requests("loglikelihood", PAIRS))
+  lm = make_lm(models, kind, mesh)
+  got = lm.loglikelihood(requests("loglikelihood", PAIRS))
+  assert lm.scorer.forwarded == len(PAIRS) - 1
   for (context, continuation), (logp, greedy) in zip(PAIRS, got):
     want, want_greedy = direct(graphdef, params, *reference_pair(context, continuation))
     np.testing.assert_allclose(logp, want, rtol=1e-5, atol=1e-5)

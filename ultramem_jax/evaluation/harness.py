@@ -38,6 +38,7 @@ from ultramem_jax.evaluation.harness_report import (markdown, report_stem,
 from ultramem_jax.evaluation.harness_tasks import (PAPER_TASKS, load_tasks,
                                                    parse_tasks, task_manager)
 from ultramem_jax.evaluation.restore import check_out_dir, load_run_config
+from ultramem_jax.training.run_dir import RunDir
 
 
 def add_parser(sub) -> None:
@@ -92,6 +93,10 @@ def evaluate_harness(lm: UltraMemLM, tasks: list, manager, num_fewshot,
 def run(args: argparse.Namespace) -> int:
   names = check_args(args)
   load_run_config(args.run_dir, args.overrides)   # a bad directory fails fast
+  steps = RunDir(args.run_dir).checkpoint_steps()
+  if args.step is not None and args.step not in steps:
+    raise ConfigError(f"--step: got {args.step}; the run has checkpoints at "
+                      f"steps {steps}")
   check_out_dir(args.out, args.run_dir)
   manager = task_manager(names, args.include_path)
   tasks = load_tasks(manager, names)     # datasets, before the checkpoint

@@ -10,7 +10,8 @@ the harness's own models do); a continuation longer than W is refused.
 
 Batching, as the harness's Hugging Face model batches: requests are sorted
 by length, longest first (ties by tokens, so the order is a function of
-the requests alone), and cut into batches of ``batch_size`` rows. A batch
+the requests alone), and cut into batches of ``batch_size`` rows; requests
+with the same inputs (one-token answers to one question) share a row. A batch
 is right-padded to a bucket length, the next power of two (at least
 ``MIN_BUCKET``) or W, and filled up to ``batch_size`` rows with padding
 rows, so the forward compiles once per bucket. Attention is causal and
@@ -77,14 +78,16 @@ def rolling_requests(tokens: Sequence[int], prefix: int, window: int
 
 @functools.partial(jax.jit, static_argnums=0)
 def target_logprobs(graphdef: nnx.GraphDef, params: nnx.State,
-                    inputs: jax.Array, targets: jax.Array
-                    ) -> tuple[jax.Array, jax.Array]:
-  """(log p(target) [B, T] float32, target == argmax [B, T]) of the model
-  (``nnx.split`` of a Transformer) reading `inputs` [B, T]."""
+                    inputs: jax.Array, targets: jax.Array, last: jax.Array
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The model (``nnx.split`` of a Transformer) reading `inputs` [B, T]:
+  (log p(target) [B, T] float32, target == argmax [B, T], the whole
+  log-softmax at position last[b] of each row [B, V])."""
   logits = nnx.merge(graphdef, params)(inputs).astype(jnp.float32)
   logp = jax.nn.log_softmax(logits, axis=-1)
   picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  return picked, jnp.argmax(logits, axis=-1) == targets
+  at_last = logp[jnp.arange(logp.shape[0]), last]
+  return picked, jnp.argmax(logits, axis=-1) == targets, at_last
 
 
 class Scorer:
@@ -104,38 +107,51 @@ class Scorer:
     self.window, self.pad_id = window, pad_id
     self.rows = -(-batch_size // row_multiple) * row_multiple
     self.shapes: set[tuple[int, int]] = set()   # compiled (rows, length)
+    self.forwarded = 0                          # rows run (requests share)
 
   def score(self, requests: Sequence[Request],
             on_batch: Callable[[int], None] = lambda n: None
             ) -> list[tuple[float, bool]]:
     """(log-likelihood, greedy) per request, in the order given;
-    `on_batch` is told how many requests each batch finished."""
+    `on_batch` is told how many requests each batch finished. Requests
+    whose inputs (every token but the last) are equal, such as the
+    one-token answers "A", "B", "C", "D" after one question, share a row:
+    they differ only in the last target, read off that row's last
+    log-softmax."""
     seqs = [window_tokens(c, x, self.window) for c, x in requests]
-    order = sorted(range(len(seqs)),
-                   key=lambda i: (-len(seqs[i][0]), tuple(seqs[i][0])))
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (s, _) in enumerate(seqs):
+      groups.setdefault(tuple(s[:-1]), []).append(i)
+    keys = sorted(groups, key=lambda k: (-len(k), k))   # longest first
     out: list[tuple[float, bool] | None] = [None] * len(seqs)
-    for start in range(0, len(order), self.rows):
-      chunk = order[start:start + self.rows]
-      for i, result in zip(chunk, self._batch([seqs[i] for i in chunk])):
-        out[i] = result
-      on_batch(len(chunk))
+    for start in range(0, len(keys), self.rows):
+      chunk = keys[start:start + self.rows]
+      for key, (logp, greedy, last) in zip(chunk, self._batch(chunk)):
+        for i in groups[key]:
+          s, n_cont = seqs[i]
+          end = len(key)   # the last target's position
+          out[i] = (float(logp[end - n_cont:end - 1].sum() + last[s[-1]]),
+                    bool(greedy[end - n_cont:end - 1].all()
+                         and int(np.argmax(last)) == s[-1]))
+      on_batch(sum(len(groups[k]) for k in chunk))
+    self.forwarded += len(keys)
     return out  # type: ignore[return-value]
 
-  def _batch(self, seqs: list[tuple[list[int], int]]
-             ) -> list[tuple[float, bool]]:
-    length = bucket_length(max(len(s) - 1 for s, _ in seqs), self.window)
+  def _batch(self, chunk: list[tuple[int, ...]]) -> list[tuple]:
+    """Per row of inputs: (log p of each next input token, whether it is
+    the argmax, the log-softmax after the last input)."""
+    length = bucket_length(max(map(len, chunk)), self.window)
     inputs = np.full((self.rows, length), self.pad_id, np.int32)
     targets = np.full((self.rows, length), self.pad_id, np.int32)
-    for r, (s, _) in enumerate(seqs):
-      inputs[r, :len(s) - 1] = s[:-1]
-      targets[r, :len(s) - 1] = s[1:]
+    last = np.zeros(self.rows, np.int32)
+    for r, row in enumerate(chunk):
+      inputs[r, :len(row)] = row
+      targets[r, :len(row) - 1] = row[1:]
+      last[r] = len(row) - 1
     self.shapes.add((self.rows, length))
-    logp, greedy = target_logprobs(self.graphdef, self.params,
-                                   jnp.asarray(inputs), jnp.asarray(targets))
+    logp, greedy, at_last = target_logprobs(
+        self.graphdef, self.params, jnp.asarray(inputs), jnp.asarray(targets),
+        jnp.asarray(last))
     logp, greedy = np.asarray(logp, np.float64), np.asarray(greedy)
-    results = []
-    for r, (s, n_cont) in enumerate(seqs):
-      end = len(s) - 1
-      results.append((float(logp[r, end - n_cont:end].sum()),
-                      bool(greedy[r, end - n_cont:end].all())))
-    return results
+    at_last = np.asarray(at_last, np.float64)
+    return [(logp[r], greedy[r], at_last[r]) for r in range(len(chunk))]
