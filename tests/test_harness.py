@@ -275,6 +275,13 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 """)
+  # A second task over the same file and a group of the two, as mmlu is.
+  (root / "tiny_mc_b.yaml").write_text(
+      "include: tiny_mc.yaml\ntask: tiny_mc_b\n"
+      "doc_to_text: \"Q: {{question}}\\nA:\"\n")
+  (root / "tiny_group.yaml").write_text(
+      "group: tiny_group\ntask:\n  - tiny_mc\n  - tiny_mc_b\n"
+      "aggregate_metric_list:\n  - metric: acc\n    weight_by_size: true\n")
   return root
 
 
@@ -331,6 +338,12 @@ def test_a_yaml_task_runs_end_to_end_and_generation_matches(trained_run, tmp_pat
     assert result["acc,none"] == pytest.approx(correct / len(MC), abs=1e-12)
     assert result["acc_stderr,none"] > 0
     assert "| tiny_mc | 6 | acc |" in printed and printed == files[1].read_text()
+    assert main(["harness", "--run_dir", str(trained_run), "--tasks",
+                 "tiny_group", "--include_path", str(tasks), "--limit", "3",
+                 "--no_progress"]) == 0
+    group = capsys.readouterr().out
+    assert "| tiny_group | 6 | acc |" in group and "tiny_mc_b" not in group
+    assert (trained_run / "eval/harness_step3_tiny_group_limit3.json").is_file()
 
     sample = generated.split("=== sample 1 of 1 ===\n", 1)[1][:-1]  # print's "\n"
     (free,) = lm.generate_until(requests("generate_until", [

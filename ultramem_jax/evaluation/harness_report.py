@@ -43,11 +43,20 @@ def main_metric(metrics: dict) -> str | None:
   return next(iter(metrics), None)
 
 
+def samples_of(results: dict, name: str) -> int | None:
+  """Documents scored for a task, or summed over a group's tasks."""
+  counts = results.get("n-samples", {})
+  if name in counts:
+    return counts[name].get("effective")
+  subs = results.get("group_subtasks", {}).get(name) or []
+  parts = [samples_of(results, s) for s in subs]
+  return sum(parts) if parts and None not in parts else None
+
+
 def table_rows(results: dict, names: list[str]) -> list[dict]:
   """Per requested task or group, in the order asked (a tag's tasks each get
   a row): task, samples, metric, value, stderr and, beside acc_norm, acc."""
   scores = results.get("results", {})
-  n_samples = results.get("n-samples", {})
   shown = [n for n in names if n in scores]
   shown += [n for n in scores if n not in shown and n not in
             {s for subs in results.get("group_subtasks", {}).values() for s in subs}
@@ -60,7 +69,7 @@ def table_rows(results: dict, names: list[str]) -> list[dict]:
       continue
     value, stderr = metrics[metric]
     row = {"task": name, "metric": metric, "value": value, "stderr": stderr,
-           "samples": n_samples.get(name, {}).get("effective")}
+           "samples": samples_of(results, name)}
     if metric == "acc_norm" and "acc" in metrics:
       row["acc"], row["acc_stderr"] = metrics["acc"]
     rows.append(row)
