@@ -50,6 +50,16 @@ the formula of spec section 7 (parameters touched + KV cache) and FLOPs,
 beside XLA's cost_analysis() of the compiled decode step (lowered from
 abstract shapes: nothing is allocated).
 
+    python eval.py harness --run_dir runs/tiny_dense --tasks paper|NAME,...
+        [--limit N] [--num_fewshot K] [--batch_size B] [--step N]
+        [--include_path DIR] [--max_gen_toks 256] [--out DIR] [key=value ...]
+
+`harness` scores the checkpoint on lm-evaluation-harness tasks (`paper`:
+the nine tasks of the paper's Table 3; custom task YAMLs from
+--include_path) and writes the harness's results JSON and a markdown table
+(the paper's metric and its standard error per task) to
+RUN/eval/harness_step<N>_<tasks>.json and .md.
+
 eval.py runs as one process. A run trained by several processes
 (train.py --coordinator/--distributed) is evaluated the same way: its
 checkpoint re-shards onto this process's mesh (override mesh.* to fit the
@@ -70,15 +80,19 @@ import sys
 from ultramem_jax.config import ConfigError
 from ultramem_jax.data.corpora import DataError
 
-COMMANDS = ("loss", "generate", "cost", "tasks")
+COMMANDS = ("loss", "generate", "cost", "tasks", "harness")
 
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  # Only the named subcommand's module is imported (harness brings in
+  # lm-eval and datasets); without one, or for --help, all of them.
+  chosen = [argv[0]] if argv and argv[0] in COMMANDS else COMMANDS
   modules = {name: importlib.import_module(f"ultramem_jax.evaluation.{name}")
-             for name in COMMANDS}
+             for name in chosen}
   for module in modules.values():
     module.add_parser(sub)
   args = parser.parse_args(argv)
