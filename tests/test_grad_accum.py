@@ -2,13 +2,15 @@
 objective, auxiliary losses, gradients, logged metrics and memory-layer
 statistics of one batch of k times the size, for dense, MoE and UltraMemV2
 models; a tiny UltraMemV2 run with train.grad_accum_steps=2 logs the
-metrics of one with 1."""
+metrics of one with 1 (and the two runs' TFLOP/s and MFU records are
+checked, see test_utilisation.py for the formula)."""
 
 from __future__ import annotations
 
 import functools
 import json
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,7 @@ import pytest
 from flax import nnx
 
 from memory_variants import TRAIN_V2
+from ultramem_jax.model.flops import config_flops
 from ultramem_jax.model.memory.layer import MemoryStat
 from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh
 from ultramem_jax.training.accumulate import accumulated_gradients
@@ -130,23 +133,28 @@ def _records(run_dir: pathlib.Path) -> dict[int, dict]:
   return out
 
 
-def test_train_run_with_two_microbatches_logs_the_same_metrics(tmp_path, text_dir):
+def test_train_run_with_two_microbatches_logs_the_same_metrics(tmp_path, text_dir,
+                                                              capfd):
   """UltraMemV2 through train(): updates, Tucker refreshes and slot
-  utilisation over 3 steps, then the validation loss."""
+  utilisation over 3 steps, then the validation loss. The same two runs
+  check the utilisation log: TFLOP/s always, MFU with ``train.peak_tflops``
+  (run 1) and n/a without, as on every CPU (run 2)."""
   common = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2",
             "model.ffn.inner_dim=64", "data.tokenizer=bytes", "data.seq_len=16",
             "data.batch_size=8", "data.val_fraction=0.1", "optimizer.warmup_steps=1",
-            "train.log_every=1", "train.eval_every=1000", "train.progress_bar=false",
-            "train.steps=3", f"data.source={text_dir}", "model.memory.init=released",
-            *TRAIN_V2]
-  runs = {}
+            "train.log_every=1", "train.eval_every=1000", "train.steps=3",
+            f"data.source={text_dir}", "model.memory.init=released", *TRAIN_V2]
+  peak = 1e-4
+  runs, logs, bars = {}, [], {}
   for k in (1, 2):
-    cfg = load_config(REPO / "configs/tiny_dense.yaml",
-                      common + [f"train.run_dir={tmp_path / str(k)}",
-                                f"train.grad_accum_steps={k}"])
-    result = train(cfg, log=lambda s: None)
+    cfg = load_config(REPO / "configs/tiny_dense.yaml", common + [
+        f"train.run_dir={tmp_path / str(k)}", f"train.grad_accum_steps={k}",
+        f"train.peak_tflops={peak if k == 1 else 0}"])
+    result = train(cfg, log=logs.append)
     runs[k] = (_records(result.run_dir), result)
+    bars[k] = capfd.readouterr().err
   (one, r1), (two, r2) = runs[1], runs[2]
+  assert "gradient accumulation: each step runs 2 microbatches of 4 rows" in logs
   assert sorted(one) == sorted(two) == [1, 2, 3]
   timing = ("tokens_per_sec", "tflops", "mfu")
   for step in one:   # float32 on the CPU: Adam amplifies rounding a little
@@ -157,3 +165,21 @@ def test_train_run_with_two_microbatches_logs_the_same_metrics(tmp_path, text_di
       np.testing.assert_allclose(two[step][tag], one[step][tag], rtol=2e-5,
                                  atol=1e-7, err_msg=f"{tag} at step {step}")
   np.testing.assert_allclose(r2.val_loss, r1.val_loss, rtol=2e-5)
+
+  # Utilisation: TFLOP/s per device from the train FLOPs and tokens/s of
+  # the same record, over the 8 CPU devices; MFU against the given peak.
+  flops = config_flops(cfg).train
+  for records, with_peak in ((one, True), (two, False)):
+    for r in records.values():
+      tflops = flops * r["train/tokens_per_sec"] / 8 / 1e12
+      np.testing.assert_allclose(r["train/tflops_per_device"], tflops, rtol=1e-6)
+      if with_peak:
+        np.testing.assert_allclose(r["train/mfu"], tflops / peak, rtol=1e-6)
+      else:
+        assert "train/mfu" not in r
+  assert any("peak 0.0001 TFLOP/s per device (train.peak_tflops)" in x for x in logs)
+  assert r1.mfu == pytest.approx(r1.tflops_per_device / peak) and r2.mfu is None
+  summary = json.loads((r2.run_dir / "summary.json").read_text())
+  assert summary["mfu"] is None and summary["tflops_per_device"] > 0
+  assert re.search(r"mfu=\d+(\.\d+)?%", bars[1]), bars[1][-300:]  # the bars
+  assert "mfu=n/a" in bars[2], bars[2][-300:]

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from ultramem_jax.config import to_dict
+from ultramem_jax.model.flops import config_flops
 from ultramem_jax.parallel.distributed import agreed_signal
 from ultramem_jax.training.config import Config, fault_raise, fault_steps
 from ultramem_jax.training.evaluate import evaluate, task_loss
@@ -35,6 +36,7 @@ from ultramem_jax.training.health import HealthMonitor
 from ultramem_jax.training.metrics import Progress, plot_losses, split_step_metrics
 from ultramem_jax.training.optimizer import lr_schedule
 from ultramem_jax.training.prepare import Prepared, next_batch, prepare
+from ultramem_jax.training.utilisation import Utilisation
 
 Log = Callable[[str], None]
 
@@ -53,6 +55,8 @@ class TrainResult:
                                     # ("SIGTERM on process 1" of several)
   skipped_steps: int = 0            # updates skipped for non-finite values
   val_task_loss: float | None = None  # held-out task rows (data.tasks)
+  tflops_per_device: float = 0.0    # model TFLOP/s, median like tokens/s
+  mfu: float | None = None          # of the device's peak; None: unknown
 
 
 class Trainer:
@@ -73,6 +77,10 @@ class Trainer:
     self.log = log
     self.say = self.progress.write if show_bar else log
     self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    self.utilisation = Utilisation.for_run(config_flops(cfg).train,
+                                           cfg.train.peak_tflops)
+    if run.is_main:
+      log(self.utilisation.describe())
     self.losses: dict[int, float] = {}
     self.pending: list[tuple[int, dict]] = []
     self.rates: list[float] = []
@@ -173,9 +181,14 @@ class Trainer:
       if message:
         self.say(message)
     last = fetched[-1][0]
-    writer.write(last, {"train/tokens_per_sec": rate})
+    use = self.utilisation
+    tflops, mfu = use.tflops_per_device(rate), use.mfu(rate)
+    writer.write(last, {"train/tokens_per_sec": rate,
+                        "train/tflops_per_device": tflops,
+                        **({} if mfu is None else {"train/mfu": mfu})})
     self.progress.update(self.steps_in_interval, loss=self.losses[last],
-                         tok_s=f"{rate:,.0f}")
+                         tok_s=f"{rate:,.0f}", tflops=f"{tflops:.3g}",
+                         mfu="n/a" if mfu is None else f"{100 * mfu:.1f}%")
     self.t_interval, self.steps_in_interval = time.perf_counter(), 0
 
   # --------------------------------------------------------- validation
@@ -249,6 +262,8 @@ def _summary(run: Prepared, result: TrainResult) -> dict:
              "val_perplexity": math.exp(result.val_loss),
              "val_unigram_entropy": result.val_unigram_entropy,
              "tokens_per_sec": result.tokens_per_sec,
+             "tflops_per_device": result.tflops_per_device,
+             "mfu": result.mfu,
              "skipped_steps": result.skipped_steps,
              "wall_time_sec": result.wall_time_sec, "data": run.data.stats}
   if run.tasks is not None:
@@ -284,10 +299,13 @@ def report(run: Prepared, trainer: Trainer, val: float, val_task: float | None,
   """The run's result; unless it was stopped, summary.json and loss.png
   (process 0) and the final numbers, printed."""
   rates = trainer.rates
+  rate = float(np.median(rates[1:] or rates)) if rates else 0.0
   result = TrainResult(
       run_dir=run.run_dir.root, final_step=trainer.step, losses=trainer.losses,
       val_loss=val, val_unigram_entropy=run.data.val_unigram_entropy,
-      tokens_per_sec=float(np.median(rates[1:] or rates)) if rates else 0.0,
+      tokens_per_sec=rate,
+      tflops_per_device=trainer.utilisation.tflops_per_device(rate),
+      mfu=trainer.utilisation.mfu(rate),
       wall_time_sec=time.perf_counter() - t_start,
       stopped_by=trainer.stop_name, skipped_steps=trainer.health.total_skipped,
       val_task_loss=val_task)
