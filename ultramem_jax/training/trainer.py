@@ -8,8 +8,10 @@ runs its steps, and the report writes and prints the result.
       return report(run, trainer, val, val_task, ...)  # summary.json, loss.png
 
 The run directory's lock (training/run_lock.py) is held from the checks to
-the report. SIGTERM / SIGINT stop the loop after the current step with a
-checkpoint (training/signals.py); too many non-finite steps in a row raise
+the report. Checkpoints are written in the background while the loop goes
+on; the next save and the end of the run wait for the one in flight.
+SIGTERM / SIGINT stop the loop after the current step with a checkpoint,
+after the save in flight is complete (training/signals.py); too many non-finite steps in a row raise
 ``health.Diverged`` with the checkpoints left as they were; a checkpoint
 that does not fit on the disk raises ``checkpoint.CheckpointDiskFull`` with
 the earlier checkpoints intact.
@@ -18,6 +20,7 @@ the earlier checkpoints intact.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import pathlib
 import sys
@@ -39,6 +42,7 @@ from ultramem_jax.training.prepare import Prepared, next_batch, prepare
 from ultramem_jax.training.utilisation import Utilisation
 
 Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -165,6 +169,8 @@ class Trainer:
       return
     fetched = jax.device_get(self.pending)
     self.pending = []
+    logger.debug("steps %d-%d: metrics fetched (computed)", fetched[0][0],
+                 fetched[-1][0])
     elapsed = time.perf_counter() - self.t_interval
     rate = self.tokens_per_step * self.steps_in_interval / max(elapsed, 1e-9)
     self.rates.append(rate)
@@ -222,10 +228,15 @@ class Trainer:
   # -------------------------------------------------- checkpoints, stop
 
   def save(self, at_step: int) -> None:
-    self.run.checkpointer.save(at_step, self.state, self.run.data_iter,
-                               {"config": to_dict(self.cfg), "step": at_step,
-                                "loss": self.losses.get(at_step)})
+    """Starts the asynchronous save of `at_step` (training/checkpoint.py):
+    the loop goes on while it is written; logs how long it was blocked."""
+    checkpointer = self.run.checkpointer
+    checkpointer.save(at_step, self.state, self.run.data_iter,
+                      {"config": to_dict(self.cfg), "step": at_step,
+                       "loss": self.losses.get(at_step)})
     self.saved_at = at_step
+    self.run.writer.write(at_step, {
+        "checkpoint/blocking_sec": checkpointer.last_blocking_sec})
 
   def finish(self) -> tuple[float, float | None]:
     """(validation loss, held-out task loss or None) at the last step, or
