@@ -53,7 +53,7 @@ from ultramem_jax.config import ConfigError
 from ultramem_jax.decode_cost import Param, decode_report
 from ultramem_jax.memory_geometry import memory_geometry
 from ultramem_jax.model.abstract import abstract_model, resolved_vocab
-from ultramem_jax.model.flops import token_flops
+from ultramem_jax.model.flops import config_flops, token_flops
 from ultramem_jax.model.transformer import Transformer
 from ultramem_jax.parallel import collective_cost as CC
 from ultramem_jax.parallel.mesh import check_mesh
@@ -92,7 +92,9 @@ def inspect_config(cfg: Config, devices: int | None = None,
   total = _count(params)
   embedding = vocab * d * (1 if m.tie_embeddings else 2)
 
-  flops = token_flops(model, cfg)
+  # A scanned model's blocks are stacked: count on the unrolled one.
+  flops = (config_flops(cfg) if getattr(m, "scan_layers", False)
+           else token_flops(model, cfg))
   activated_non_embedding = flops.activated_non_embedding_params
   return {
       "total_params": total,
