@@ -15,15 +15,11 @@ aside to ``<checkpoints>.unreadable/`` (never deleted). A checkpoint whose
 shapes differ from the model's is a configuration error, not damage: it
 stops the run with the first mismatched parameter named.
 
-Saves are asynchronous (:meth:`Checkpointer.save`): the call copies the
-state to host memory and returns; orbax writes the files in a background
-thread while the train loop goes on. The next save, :meth:`wait` and
-:meth:`close` (the end of the run, or a stop by a signal) wait for the
-write in flight, so a run never ends, nor starts another save, with one
-half written. ``logging`` at DEBUG (logger ``ultramem_jax.training.checkpoint``)
-records each save's start, the time the loop was blocked, the moment its
-files were written and when it was seen complete; :attr:`Checkpointer.last_blocking_sec`
-is what the trainer logs as ``checkpoint/blocking_sec``.
+Saves are asynchronous: :meth:`Checkpointer.save` copies the state to host
+memory and returns while orbax writes the files in a background thread.
+The next save, :meth:`wait` and :meth:`close` (the end of the run, a stop
+by a signal) wait for the write in flight. DEBUG logs record each save's
+start, the loop's wait (``last_blocking_sec``), its files written, and done.
 
 A save that runs out of disk space raises :class:`CheckpointDiskFull`
 (naming the directory, the space the save needs and the space free): before
