@@ -76,15 +76,15 @@ class Trainer:
     self.schedule = lr_schedule(cfg.optimizer, cfg.train.steps)
     self.faults = fault_steps(cfg.train)
     self.health = HealthMonitor(cfg.train.max_skipped_steps, cfg.train.spike_factor)
+    self.utilisation = Utilisation.for_run(config_flops(cfg).train,
+                                           cfg.train.peak_tflops)
+    if run.is_main:
+      log(self.utilisation.describe())
     show_bar = cfg.train.progress_bar and run.is_main
     self.progress = Progress(cfg.train.steps, self.step, show_bar)
     self.log = log
     self.say = self.progress.write if show_bar else log
     self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    self.utilisation = Utilisation.for_run(config_flops(cfg).train,
-                                           cfg.train.peak_tflops)
-    if run.is_main:
-      log(self.utilisation.describe())
     self.losses: dict[int, float] = {}
     self.pending: list[tuple[int, dict]] = []
     self.rates: list[float] = []
