@@ -27,7 +27,9 @@ defaults to their product. The conventions:
   weight matrix once, the output matrix, and attention scores and values
   over a full context of ``data.seq_len`` (4 * L * seq_len * heads * head_dim;
   no causal halving). FFN kinds may refine their part with
-  ``flops_per_token()``.
+  ``flops_per_token()``. ``train_flops_per_token``: 3x that (forward and
+  backward), what the train loop's TFLOP/s and MFU count. The formula is
+  ``model/flops.py``'s.
 - ``decode``: for each batch size B of ``--batch``, the bytes one decode
   step reads from parameters (experts touched ``min(B*k, E)``, value rows
   ``min(B*m, N)``, all keys and dense weights; spec section 7) and the KV
@@ -51,6 +53,7 @@ from ultramem_jax.config import ConfigError
 from ultramem_jax.decode_cost import Param, decode_report
 from ultramem_jax.memory_geometry import memory_geometry
 from ultramem_jax.model.abstract import abstract_model, resolved_vocab
+from ultramem_jax.model.flops import config_flops, token_flops
 from ultramem_jax.model.transformer import Transformer
 from ultramem_jax.parallel import collective_cost as CC
 from ultramem_jax.parallel.mesh import check_mesh
@@ -59,10 +62,6 @@ from ultramem_jax.training.config import Config, load_config
 
 def _count(tree) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
-
-
-def _matrix_count(tree) -> int:
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree) if len(x.shape) >= 2)
 
 
 def param_infos(model: Transformer) -> list[CC.ParamInfo]:
@@ -93,25 +92,10 @@ def inspect_config(cfg: Config, devices: int | None = None,
   total = _count(params)
   embedding = vocab * d * (1 if m.tie_embeddings else 2)
 
-  activated_blocks, block_matrix_flops = 0, 0
-  for block in model.blocks:
-    other = [block.attn, block.attn_norm, block.ffn_norm]
-    activated_blocks += sum(_count(nnx.state(x, nnx.Param)) for x in other)
-    block_matrix_flops += 2 * _matrix_count(nnx.state(block.attn, nnx.Param))
-    for layer in (block.ffn, block.memory):
-      if layer is None:
-        continue
-      if hasattr(layer, "activated_param_count"):
-        activated_blocks += layer.activated_param_count()
-      else:
-        activated_blocks += _count(nnx.state(layer, nnx.Param))
-      if hasattr(layer, "flops_per_token"):
-        block_matrix_flops += layer.flops_per_token()
-      else:
-        block_matrix_flops += 2 * _matrix_count(nnx.state(layer, nnx.Param))
-  activated_non_embedding = activated_blocks + d  # + the final norm
-  attention_flops = 4 * m.n_layers * cfg.data.seq_len * m.n_heads * m.attn_head_dim
-  head_flops = 2 * vocab * d
+  # A scanned model's blocks are stacked: count on the unrolled one.
+  flops = (config_flops(cfg) if getattr(m, "scan_layers", False)
+           else token_flops(model, cfg))
+  activated_non_embedding = flops.activated_non_embedding_params
   return {
       "total_params": total,
       "embedding_params": embedding,
@@ -119,8 +103,9 @@ def inspect_config(cfg: Config, devices: int | None = None,
       "activated_non_embedding_params": activated_non_embedding,
       "activated_params": activated_non_embedding + vocab * d
                           + (0 if m.tie_embeddings else d),
-      "flops_per_token": block_matrix_flops + attention_flops + head_flops,
-      "attention_flops_per_token": attention_flops,
+      "flops_per_token": flops.forward,
+      "attention_flops_per_token": flops.attention,
+      "train_flops_per_token": flops.train,
       "vocab_size": vocab,
       "d_model": d,
       "n_layers": m.n_layers,

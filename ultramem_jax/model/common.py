@@ -49,7 +49,59 @@ class AuxLoss(nnx.Intermediate):
 
 class LayerMetric(nnx.Intermediate):
   """A value a layer sows for logging only (no gradient is taken through it):
-  a scalar, or a vector such as per-expert load."""
+  a scalar, or a vector such as per-expert load. Every one is a mean over
+  the batch's tokens or a function of the parameters, so the mean over
+  equal microbatches is the whole batch's (training/accumulate.py)."""
+
+
+class RmsRatio(nnx.Intermediate):
+  """A logged ratio rms(a) / rms(b) of two activations, sown as the two
+  mean squares [2] (:func:`sow_rms_ratio`): the train step divides after
+  combining microbatches, so the ratio is the whole batch's, not a mean of
+  ratios. Logged with the LayerMetrics under its own name."""
+
+
+class BalanceFraction(nnx.Intermediate):
+  """The batch fraction f (no gradient) that a balance loss c * sum f p
+  multiplies (:func:`balance_fraction`). Sown so that gradient
+  accumulation can collect the whole batch's f in a forward pass first."""
+
+
+class WholeBatchFraction(nnx.Variable):
+  """The whole batch's :class:`BalanceFraction`, set on the layer by the
+  train step while it runs one microbatch (training/accumulate.py)."""
+
+
+def whole_batch_attribute(name: str) -> str:
+  """The attribute under which a layer finds the whole batch's fraction
+  sown as `name`."""
+  return f"{name}_whole_batch"
+
+
+def balance_fraction(module: nnx.Module, name: str,
+                     local: jax.Array) -> jax.Array:
+  """The fraction a balance loss should use: `local` (this batch's), or
+  the whole batch's when the train step supplied it because `local` is a
+  microbatch's. The balance losses c * sum_e f_e p_e are linear in the
+  token mean p but not in f, so k microbatches equal one batch only with
+  the whole batch's f. Sows `local` as BalanceFraction ``<name>_fraction``."""
+  sown = f"{name}_fraction"
+  module.sow(BalanceFraction, sown, local)
+  supplied = getattr(module, whole_batch_attribute(sown), None)
+  return local if supplied is None else supplied[...]
+
+
+def sow_rms_ratio(module: nnx.Module, name: str, a: jax.Array,
+                  b: jax.Array) -> None:
+  """Sows rms(a) / rms(b) as an :class:`RmsRatio` (see there)."""
+  ms = lambda x: jnp.mean(jnp.square(x.astype(jnp.float32)))
+  module.sow(RmsRatio, name, jax.lax.stop_gradient(jnp.stack([ms(a), ms(b)])))
+
+
+def rms_ratio(mean_squares: jax.Array) -> jax.Array:
+  """rms(a) / rms(b) from the mean squares [..., 2] an RmsRatio holds."""
+  return (jnp.sqrt(mean_squares[..., 0])
+          / jnp.maximum(jnp.sqrt(mean_squares[..., 1]), 1e-30))
 
 
 def acc_dtype(dtype) -> jnp.dtype:

@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ultramem_jax.model.common import (AuxLoss, LayerMetric, dtype_of,
-                                       linear_std, normal_param, output_std)
+from ultramem_jax.model.common import (AuxLoss, LayerMetric,
+                                       balance_fraction, dtype_of, linear_std,
+                                       normal_param, output_std)
 from ultramem_jax.model.config import ModelConfig
 from ultramem_jax.model.ffn import SwiGLU, register_ffn
 from ultramem_jax.parallel import expert_sharding as ES
@@ -175,7 +176,8 @@ class MoE(nnx.Module):
 
     lse = jax.nn.logsumexp(logits, axis=-1)
     self.sow(AuxLoss, "load_balance", load_balance_loss(
-        fraction, jnp.mean(probs, axis=0), self.load_balance_coef))
+        balance_fraction(self, "load_balance", fraction),
+        jnp.mean(probs, axis=0), self.load_balance_coef))
     self.sow(AuxLoss, "router_z", self.z_loss_coef * jnp.mean(jnp.square(lse)))
     # Entropy -sum_e p_e log p_e, with log p = logits - lse (safe at p = 0).
     entropy = -jnp.sum(probs * (logits - lse[:, None]), axis=-1)

@@ -9,8 +9,8 @@ from flax import nnx
 from ultramem_jax.memory_geometry import memory_geometry
 from ultramem_jax.model import moe as _moe  # noqa: F401  registers ffn kind "moe"
 from ultramem_jax.model.attention import Attention
-from ultramem_jax.model.common import (LayerMetric, RMSNorm, dtype_of,
-                                       linear_std, normal_param)
+from ultramem_jax.model.common import (RMSNorm, dtype_of, linear_std,
+                                       normal_param, sow_rms_ratio)
 from ultramem_jax.model.config import ModelConfig
 from ultramem_jax.model.ffn import build_ffn
 from ultramem_jax.model.kv_cache import KVCache, LayerCache
@@ -19,10 +19,6 @@ from ultramem_jax.model.memory.layer import MemoryLayer, MemoryTable
 from ultramem_jax.parallel.rules import constrain
 
 _ACT = ("activation_batch", "activation_length", "activation_embed")
-
-
-def _rms(x: jax.Array) -> jax.Array:
-  return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))
 
 
 class Block(nnx.Module):
@@ -75,9 +71,7 @@ class Block(nnx.Module):
     if self.memory is not None:
       mem = self.memory(h, memory_table)
       if y is not None:
-        sg = jax.lax.stop_gradient
-        self.memory.sow(LayerMetric, "out_rms_over_ffn",
-                        sg(_rms(mem) / jnp.maximum(_rms(y), 1e-30)))
+        sow_rms_ratio(self.memory, "out_rms_over_ffn", mem, y)
       if self.memory_target == self.index:
         y = mem if y is None else y + mem
       else:

@@ -15,6 +15,12 @@ aside to ``<checkpoints>.unreadable/`` (never deleted). A checkpoint whose
 shapes differ from the model's is a configuration error, not damage: it
 stops the run with the first mismatched parameter named.
 
+Saves are asynchronous: :meth:`Checkpointer.save` copies the state to host
+memory and returns while orbax writes the files in a background thread.
+The next save, :meth:`wait` and :meth:`close` (the end of the run, a stop
+by a signal) wait for the write in flight. DEBUG logs record each save's
+start, the loop's wait (``last_blocking_sec``), its files written, and done.
+
 A save that runs out of disk space raises :class:`CheckpointDiskFull`
 (naming the directory, the space the save needs and the space free): before
 it starts when the free space is below the size of the last checkpoint (or,
@@ -41,6 +47,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from ultramem_jax.config import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointMismatch(ConfigError):
@@ -167,15 +175,26 @@ class Checkpointer:
     self._failed: CheckpointDiskFull | None = None
     self._pending: int | None = None    # the step being written
     self._estimate = ""                 # what the last save was expected to need
+    self._writing: int | None = None    # the step the background thread writes
+    self.last_blocking_sec = 0.0        # the loop's wait in the last save()
     _install_quiet_hooks()
     self._manager = self._open()
 
   def _open(self) -> ocp.CheckpointManager:
+    """Asynchronous saves (explicitly: orbax's default), with a callback
+    from the writing thread once a step's files are written (before orbax
+    renames its temporary directory into place)."""
     return ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=self.max_to_keep,
-                                             create=True),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=self.max_to_keep, create=True,
+            enable_async_checkpointing=True,
+            async_options=ocp.AsyncOptions(
+                post_finalization_callback=self._written)),
         item_names=("state", "data", "meta"))
+
+  def _written(self) -> None:
+    logger.debug("checkpoint %s: files written in the background", self._writing)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -185,18 +204,26 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_iter: grain.DatasetIterator,
            meta: dict) -> None:
-    """Starts writing checkpoint `step` (asynchronously). Raises
-    CheckpointDiskFull, before writing anything, when the last save failed
-    for lack of space or this one cannot fit."""
+    """Starts writing checkpoint `step` (asynchronously: it returns once
+    the state is copied to host memory) after waiting for the save in
+    flight. Raises CheckpointDiskFull, before writing anything, when the
+    last save failed for lack of space or this one cannot fit."""
+    t0 = time.perf_counter()
     self.wait()  # the previous save's error, and its size on disk
+    waited = time.perf_counter() - t0
     self._check_space(step, state)
     meta = {**meta, "fingerprints": fingerprint(state)}
-    self._pending = step
+    self._pending = self._writing = step
+    logger.debug("checkpoint %d: save started", step)
     with self._translate(step):
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state),
           data=grain.checkpoint.CheckpointSave(data_iter),
           meta=ocp.args.JsonSave(meta)))
+    self.last_blocking_sec = time.perf_counter() - t0
+    logger.debug("checkpoint %d: the loop goes on after %.3f s (%.3f s of it "
+                 "waiting for the previous save)", step, self.last_blocking_sec,
+                 waited)
 
   def _needed(self, state: Any) -> tuple[int, str]:
     """(bytes, what they are): the size of the newest checkpoint on disk,
@@ -353,6 +380,8 @@ class Checkpointer:
     step, self._pending = self._pending, None
     with self._translate(step):
       self._manager.wait_until_finished()
+    if step is not None:
+      logger.debug("checkpoint %d: complete", step)
 
   def close(self) -> None:
     """Waits for the save in progress and closes; after a failed save the

@@ -88,6 +88,9 @@ class TrainConfig:
   # Each batch is split into this many microbatches whose gradients are
   # summed inside the jitted step (data.batch_size must divide evenly).
   grad_accum_steps: int = 1
+  # Peak TFLOP/s of one device for the MFU the loop logs; 0: the dense bf16
+  # peak of a known chip (training/utilisation.py), else MFU is n/a (CPUs).
+  peak_tflops: float = 0.0
   # Fault injection for tests: comma-separated steps whose loss is made NaN.
   fault_nan_steps: str | int = ""
   # Fault injection for tests: "P@S" makes process P raise at step S.
@@ -183,6 +186,8 @@ def validate_train(t: TrainConfig) -> None:
   except ValueError:
     raise ConfigError(f"train.fault_raise: got {t.fault_raise!r}; expected "
                       "PROCESS@STEP, e.g. '1@3'") from None
+  require(t.peak_tflops >= 0, "train.peak_tflops", t.peak_tflops,
+          "must be >= 0 (0: the device's known peak, or n/a)")
   require(t.eval_batches >= 0, "train.eval_batches", t.eval_batches,
           "must be >= 0 (0 means derived)")
   require(bool(t.run_dir), "train.run_dir", t.run_dir, "must be a directory path")

@@ -255,8 +255,13 @@ def _build(cfg: Config, run: RunDir, data: TextData,
   t0 = time.perf_counter()
   first = next_batch(data_iter, sharding, cfg.data.batch_size,
                      fault_steps(cfg.train), step + 1)
-  train_step = make_train_step(graphdef, cfg.train.log_every).lower(state, first).compile()
+  train_step = make_train_step(graphdef, cfg.train.log_every,
+                               cfg.train.grad_accum_steps).lower(state, first).compile()
   log(f"compiled the train step in {time.perf_counter() - t0:.1f}s")
+  k = cfg.train.grad_accum_steps
+  if k > 1:
+    log(f"gradient accumulation: each step runs {k} microbatches of "
+        f"{cfg.data.batch_size // k} rows")
   if jax.process_index() == 0:
     if resume_step is not None:
       _write_config(cfg, run, data, new_tokenizer)

@@ -1,7 +1,9 @@
 """Graceful preemption: the first SIGTERM or SIGINT asks the loop to stop
-after the current step (it then saves a checkpoint, flushes its logs and
-returns); a second one exits at once. Orbax makes a checkpoint visible only
-when it is complete, so exiting mid-save leaves the previous one intact.
+after the current step (it then waits for the asynchronous save in flight,
+if any, saves a checkpoint of the step reached unless that is the one just
+written, flushes its logs and returns); a second one exits at once. Orbax
+makes a checkpoint visible only when it is complete, so exiting mid-save
+leaves the previous one intact.
 
 While the run is still being checked and its data prepared (before anything
 is written to the run directory), a signal instead raises

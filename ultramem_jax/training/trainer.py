@@ -8,8 +8,10 @@ runs its steps, and the report writes and prints the result.
       return report(run, trainer, val, val_task, ...)  # summary.json, loss.png
 
 The run directory's lock (training/run_lock.py) is held from the checks to
-the report. SIGTERM / SIGINT stop the loop after the current step with a
-checkpoint (training/signals.py); too many non-finite steps in a row raise
+the report. Checkpoints are written in the background while the loop goes
+on; the next save and the end of the run wait for the one in flight.
+SIGTERM / SIGINT stop the loop after the current step with a checkpoint,
+after the save in flight is complete (training/signals.py); too many non-finite steps in a row raise
 ``health.Diverged`` with the checkpoints left as they were; a checkpoint
 that does not fit on the disk raises ``checkpoint.CheckpointDiskFull`` with
 the earlier checkpoints intact.
@@ -18,6 +20,7 @@ the earlier checkpoints intact.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import pathlib
 import sys
@@ -28,6 +31,7 @@ import jax
 import numpy as np
 
 from ultramem_jax.config import to_dict
+from ultramem_jax.model.flops import config_flops
 from ultramem_jax.parallel.distributed import agreed_signal
 from ultramem_jax.training.config import Config, fault_raise, fault_steps
 from ultramem_jax.training.evaluate import evaluate, task_loss
@@ -35,8 +39,10 @@ from ultramem_jax.training.health import HealthMonitor
 from ultramem_jax.training.metrics import Progress, plot_losses, split_step_metrics
 from ultramem_jax.training.optimizer import lr_schedule
 from ultramem_jax.training.prepare import Prepared, next_batch, prepare
+from ultramem_jax.training.utilisation import Utilisation
 
 Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -53,6 +59,8 @@ class TrainResult:
                                     # ("SIGTERM on process 1" of several)
   skipped_steps: int = 0            # updates skipped for non-finite values
   val_task_loss: float | None = None  # held-out task rows (data.tasks)
+  tflops_per_device: float = 0.0    # model TFLOP/s, median like tokens/s
+  mfu: float | None = None          # of the device's peak; None: unknown
 
 
 class Trainer:
@@ -68,6 +76,10 @@ class Trainer:
     self.schedule = lr_schedule(cfg.optimizer, cfg.train.steps)
     self.faults = fault_steps(cfg.train)
     self.health = HealthMonitor(cfg.train.max_skipped_steps, cfg.train.spike_factor)
+    self.utilisation = Utilisation.for_run(config_flops(cfg).train,
+                                           cfg.train.peak_tflops)
+    if run.is_main:
+      log(self.utilisation.describe())
     show_bar = cfg.train.progress_bar and run.is_main
     self.progress = Progress(cfg.train.steps, self.step, show_bar)
     self.log = log
@@ -157,6 +169,8 @@ class Trainer:
       return
     fetched = jax.device_get(self.pending)
     self.pending = []
+    logger.debug("steps %d-%d: metrics fetched (computed)", fetched[0][0],
+                 fetched[-1][0])
     elapsed = time.perf_counter() - self.t_interval
     rate = self.tokens_per_step * self.steps_in_interval / max(elapsed, 1e-9)
     self.rates.append(rate)
@@ -173,9 +187,14 @@ class Trainer:
       if message:
         self.say(message)
     last = fetched[-1][0]
-    writer.write(last, {"train/tokens_per_sec": rate})
+    use = self.utilisation
+    tflops, mfu = use.tflops_per_device(rate), use.mfu(rate)
+    writer.write(last, {"train/tokens_per_sec": rate,
+                        "train/tflops_per_device": tflops,
+                        **({} if mfu is None else {"train/mfu": mfu})})
     self.progress.update(self.steps_in_interval, loss=self.losses[last],
-                         tok_s=f"{rate:,.0f}")
+                         tok_s=f"{rate:,.0f}", tflops=f"{tflops:.3g}",
+                         mfu="n/a" if mfu is None else f"{100 * mfu:.1f}%")
     self.t_interval, self.steps_in_interval = time.perf_counter(), 0
 
   # --------------------------------------------------------- validation
@@ -209,10 +228,15 @@ class Trainer:
   # -------------------------------------------------- checkpoints, stop
 
   def save(self, at_step: int) -> None:
-    self.run.checkpointer.save(at_step, self.state, self.run.data_iter,
-                               {"config": to_dict(self.cfg), "step": at_step,
-                                "loss": self.losses.get(at_step)})
+    """Starts the asynchronous save of `at_step` (training/checkpoint.py):
+    the loop goes on while it is written; logs how long it was blocked."""
+    checkpointer = self.run.checkpointer
+    checkpointer.save(at_step, self.state, self.run.data_iter,
+                      {"config": to_dict(self.cfg), "step": at_step,
+                       "loss": self.losses.get(at_step)})
     self.saved_at = at_step
+    self.run.writer.write(at_step, {
+        "checkpoint/blocking_sec": checkpointer.last_blocking_sec})
 
   def finish(self) -> tuple[float, float | None]:
     """(validation loss, held-out task loss or None) at the last step, or
@@ -249,6 +273,8 @@ def _summary(run: Prepared, result: TrainResult) -> dict:
              "val_perplexity": math.exp(result.val_loss),
              "val_unigram_entropy": result.val_unigram_entropy,
              "tokens_per_sec": result.tokens_per_sec,
+             "tflops_per_device": result.tflops_per_device,
+             "mfu": result.mfu,
              "skipped_steps": result.skipped_steps,
              "wall_time_sec": result.wall_time_sec, "data": run.data.stats}
   if run.tasks is not None:
@@ -284,10 +310,13 @@ def report(run: Prepared, trainer: Trainer, val: float, val_task: float | None,
   """The run's result; unless it was stopped, summary.json and loss.png
   (process 0) and the final numbers, printed."""
   rates = trainer.rates
+  rate = float(np.median(rates[1:] or rates)) if rates else 0.0
   result = TrainResult(
       run_dir=run.run_dir.root, final_step=trainer.step, losses=trainer.losses,
       val_loss=val, val_unigram_entropy=run.data.val_unigram_entropy,
-      tokens_per_sec=float(np.median(rates[1:] or rates)) if rates else 0.0,
+      tokens_per_sec=rate,
+      tflops_per_device=trainer.utilisation.tflops_per_device(rate),
+      mfu=trainer.utilisation.mfu(rate),
       wall_time_sec=time.perf_counter() - t_start,
       stopped_by=trainer.stop_name, skipped_steps=trainer.health.total_skipped,
       val_task_loss=val_task)

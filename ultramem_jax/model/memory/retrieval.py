@@ -101,12 +101,19 @@ def core_penalty(cores: jax.Array, tau: float) -> jax.Array:
   return jnp.sum(jnp.square(jax.nn.relu(sv[..., 1:] - tau))) / (r - 1)
 
 
-def key_balance_loss(a: jax.Array, top: jax.Array) -> jax.Array:
+def pick_fraction(top: jax.Array, ns: int) -> jax.Array:
+  """f [ns]: the fraction of the top-K picks `top` [N, H, K] of each key."""
+  return jnp.bincount(top.reshape(-1), length=ns).astype(jnp.float32) / top.size
+
+
+def key_balance_loss(a: jax.Array, top: jax.Array,
+                     fraction: jax.Array | None = None) -> jax.Array:
   """ns * sum_j f_j p_j for one side: p the mean softmax of the pre-filter
-  scores a [N, H, ns], f the fraction of the top-K picks `top` [N, H, K]."""
+  scores a [N, H, ns], f the fraction of the top-K picks `top` [N, H, K]
+  (or `fraction`, given: the whole batch's under gradient accumulation)."""
   ns = a.shape[-1]
   p = jnp.mean(jax.nn.softmax(a, axis=-1).reshape(-1, ns), axis=0)
-  f = jnp.bincount(top.reshape(-1), length=ns).astype(jnp.float32) / top.size
+  f = pick_fraction(top, ns) if fraction is None else fraction
   return ns * jnp.sum(f * p)
 
 

@@ -36,8 +36,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels import product_key_topk
-from ultramem_jax.model.common import (AuxLoss, LayerMetric, normal_param,
-                                       param, rms_norm)
+from ultramem_jax.model.common import (AuxLoss, LayerMetric,
+                                       balance_fraction, normal_param, param,
+                                       rms_norm)
 from ultramem_jax.model.memory import retrieval as R
 from ultramem_jax.parallel import tokens
 
@@ -179,9 +180,14 @@ class Retrieval:
   def observe(self, layer, kept: R.Retrieved, pre: dict) -> None:
     """The key-balance loss (when on) and the kept-score metrics."""
     if self.key_balance > 0:
+      ns = pre["a"].shape[-1]
+      f_rows = balance_fraction(layer, "key_balance_rows",
+                                R.pick_fraction(pre["top_rows"], ns))
+      f_cols = balance_fraction(layer, "key_balance_cols",
+                                R.pick_fraction(pre["top_cols"], ns))
       layer.sow(AuxLoss, "key_balance", self.key_balance * (
-          R.key_balance_loss(pre["a"], pre["top_rows"])
-          + R.key_balance_loss(pre["b"], pre["top_cols"])))
+          R.key_balance_loss(pre["a"], pre["top_rows"], f_rows)
+          + R.key_balance_loss(pre["b"], pre["top_cols"], f_cols)))
     sg = jax.lax.stop_gradient
     layer.sow(LayerMetric, "score_top1", sg(jnp.mean(kept.scores[..., 0])))
     layer.sow(LayerMetric, "score_topm", sg(jnp.mean(kept.scores[..., -1])))
