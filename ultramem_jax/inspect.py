@@ -85,7 +85,7 @@ def inspect_config(cfg: Config, devices: int | None = None,
   """Counts of `cfg` and its collectives on the mesh over `devices`
   (see ``parallel/mesh.mesh_sizes``). Raises ConfigError for a mesh that
   cannot be built or that does not divide a sharded dimension."""
-  model = abstract_model(cfg)
+  model = abstract_model(cfg, unrolled=True)
   sizes = check_mesh(cfg, model, devices, batch=False)
   m = cfg.model
   vocab, d = resolved_vocab(cfg), m.d_model
