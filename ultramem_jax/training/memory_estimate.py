@@ -9,7 +9,8 @@ Per device, in bytes:
   (``parallel/rules.py``);
 - optimizer state: AdamW's two moments of every parameter, in the
   parameter's dtype and sharded like it;
-- gradients: one more copy of the parameters;
+- gradients: one more copy of the parameters (two with
+  ``train.grad_accum_steps`` > 1: the running sum and the microbatch's);
 - activations: what the backward pass keeps of one microbatch
   (``data.batch_size / train.grad_accum_steps`` rows, split over the
   batch axes), found exactly by tracing the loss's ``jax.vjp`` on abstract
@@ -35,6 +36,7 @@ import dataclasses
 import math
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -174,7 +176,8 @@ def estimate_train_memory(cfg, model: nnx.Module, devices: int | None = None,
   rows = max(1, micro // batch_shards(sizes))
   return MemoryEstimate(
       devices=n, mesh=sizes, microbatch=rows, remat=cfg.model.remat,
-      parameters=every, optimizer=2 * params, gradients=params,
+      parameters=every, optimizer=2 * params,
+      gradients=params * (2 if cfg.train.grad_accum_steps > 1 else 1),
       activations=activation_bytes(cfg, rows),
       device_memory=int(device_memory) if device_memory else None)
 
@@ -184,19 +187,24 @@ def _placed(x, mesh: Mesh):
                               sharding=NamedSharding(mesh, x.sharding.spec))
 
 
-def compiled_train_memory(cfg, mesh: Mesh) -> dict[str, int]:
-  """XLA's ``memory_analysis()`` of the real jitted train step of `cfg`
-  (its vocabulary resolved) compiled for `mesh`, per device: arguments,
-  outputs, aliased, temporaries and their peak. Nothing is allocated: the
-  state and the batch are shapes with their shardings."""
+def compile_train_step(cfg, mesh: Mesh):
+  """The real train step of `cfg` (its vocabulary resolved) compiled for
+  `mesh` from shapes with their shardings (nothing is allocated); what a
+  benchmark times for compile time, and what :func:`compiled_train_memory`
+  reads."""
   with use_mesh(mesh):
     graphdef, state = nnx.split(nnx.eval_shape(lambda: model_and_optimizer(cfg)))
     state = jax.tree.map(lambda x: _placed(x, mesh), state)
     rows = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len),
                                 jnp.int32, sharding=batch_sharding(mesh))
     batch = {"inputs": rows, "targets": rows}
-    compiled = make_train_step(graphdef).lower(state, batch).compile()
-  m = compiled.memory_analysis()
+    return make_train_step(graphdef).lower(state, batch).compile()
+
+
+def compiled_train_memory(cfg, mesh: Mesh) -> dict[str, int]:
+  """XLA's ``memory_analysis()`` of :func:`compile_train_step`, per device:
+  arguments, outputs, aliased, temporaries and their peak."""
+  m = compile_train_step(cfg, mesh).memory_analysis()
   out = {"arguments": int(m.argument_size_in_bytes),
          "outputs": int(m.output_size_in_bytes),
          "aliased": int(m.alias_size_in_bytes),
