@@ -25,14 +25,12 @@ SMALL = ["model.vocab_size=257", "data.batch_size=8", "data.seq_len=64",
 # memory_analysis barely moves with remat); inside a scan each layer's
 # recomputation waits for its turn, so remat is checked on scanned layers.
 CASES = [
-    ("tiny_dense", [], 1),
     ("tiny_moe", [], 1),
     ("tiny_ultramem_v2", [], 1),
     ("tiny_dense", ["model.remat=full", "model.scan_layers=true"], 1),
     ("tiny_ultramem_v2", ["model.remat=save_dots_and_retrieval",
                           "model.scan_layers=true"], 1),
     ("tiny_dense", ["mesh.data=2", "mesh.fsdp=4"], 8),
-    ("tiny_ultramem_v2", ["mesh.data=2", "mesh.fsdp=4"], 8),
 ]
 
 
