@@ -21,12 +21,11 @@ from test_remat import BATCH, MODELS
 from test_robustness import quiet, small
 from ultramem_jax.config import ConfigError
 from ultramem_jax.evaluation.restore import restore_run
-from ultramem_jax.model.config import ModelConfig, validate_model
+from ultramem_jax.model.config import validate_model
 from ultramem_jax.model.kv_cache import KVCache
 from ultramem_jax.model.transformer import Transformer, build_model, unstack_blocks
 from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh
 from ultramem_jax.parallel.rules import RULES
-from ultramem_jax.training.config import load_config
 from ultramem_jax.training.step import loss_fn
 from ultramem_jax.training.trainer import train
 
