@@ -4,8 +4,12 @@ on the config's mesh.
 
     python -m ultramem_jax.inspect configs/tiny_dense.yaml [key=value ...]
         [--devices N] [--batch 1,8,64] [--table]
+        [--memory [--device_memory GiB | --chip NAME]]
 
-prints one JSON object (``--table``: a table of the collectives instead).
+prints one JSON object (``--table``: a table of the collectives instead;
+``--memory``: the per-device memory of one train step against the device's
+memory, ``training/memory_estimate.py``, with the chips of its table by
+name, e.g. ``--chip v5p``).
 ``mesh.*`` overrides choose the mesh (``mesh.data=2 mesh.memory=4``); the
 axis set to -1 (``mesh.data`` by default) takes the devices the others
 leave of ``--devices N``, which defaults to the devices JAX sees here (as
@@ -58,6 +62,9 @@ from ultramem_jax.model.transformer import Transformer
 from ultramem_jax.parallel import collective_cost as CC
 from ultramem_jax.parallel.mesh import check_mesh
 from ultramem_jax.training.config import Config, load_config
+from ultramem_jax.training.memory_estimate import (CHIPS, GIB,
+                                                   estimate_train_memory,
+                                                   memory_table)
 
 
 def _count(tree) -> int:
@@ -84,7 +91,7 @@ def inspect_config(cfg: Config, devices: int | None = None,
   """Counts of `cfg` and its collectives on the mesh over `devices`
   (see ``parallel/mesh.mesh_sizes``). Raises ConfigError for a mesh that
   cannot be built or that does not divide a sharded dimension."""
-  model = abstract_model(cfg)
+  model = abstract_model(cfg, unrolled=True)
   sizes = check_mesh(cfg, model, devices, batch=False)
   m = cfg.model
   vocab, d = resolved_vocab(cfg), m.d_model
@@ -181,16 +188,50 @@ def collectives_table(c: dict) -> str:
   return "\n".join(lines)
 
 
+def memory_report(cfg: Config, devices: int | None,
+                  device_gib: float | None) -> str:
+  """``--memory``: the estimate's table for `cfg` on the mesh over
+  `devices` against `device_gib` GiB per device (None: unknown)."""
+  model = abstract_model(cfg)
+  check_mesh(cfg, model, devices)
+  return memory_table(estimate_train_memory(
+      cfg, model, devices, device_gib * GIB if device_gib else None))
+
+
+def _device_gib(flag: str, value: str) -> float | str:
+  """GiB per device from --device_memory GiB or --chip NAME, or an error."""
+  if flag == "--chip":
+    if value.lower() not in CHIPS:
+      return f"--chip: got {value!r}; known chips: {', '.join(CHIPS)}"
+    return CHIPS[value.lower()]
+  try:
+    gib = float(value)
+  except ValueError:
+    gib = 0.0
+  return gib if gib > 0 else (f"--device_memory: expected a positive number "
+                              f"of GiB, got {value!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if not argv or argv[0] in ("-h", "--help"):
     print(__doc__)
     return 0 if argv else 2
   devices, table, rest, batches = None, False, [], (1, 8, 64)
+  memory, device_gib = False, None
   it = iter(argv)
   for arg in it:
     if arg == "--table":
       table = True
+    elif arg == "--memory":
+      memory = True
+    elif arg.split("=", 1)[0] in ("--chip", "--device_memory"):
+      flag = arg.split("=", 1)[0]
+      value = arg.split("=", 1)[1] if "=" in arg else next(it, "")
+      device_gib = _device_gib(flag, value)
+      if isinstance(device_gib, str):
+        print(f"error: {device_gib}", file=sys.stderr)
+        return 2
     elif arg == "--devices" or arg.startswith("--devices="):
       value = arg.split("=", 1)[1] if "=" in arg else next(it, "")
       if not value.isdigit() or int(value) < 1:
@@ -213,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   try:
     cfg = load_config(rest[0], rest[1:])
+    if memory:
+      print(memory_report(cfg, devices, device_gib))
+      return 0
     out = inspect_config(cfg, devices, batches)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -87,7 +87,7 @@ def cost_table(cfg, batches: tuple[int, ...], xla: bool = True) -> list[dict]:
 
   counts = inspect_config(cfg, 1, batches)
   rows = []
-  for r in decode_report(cfg, decode_params(abstract_model(cfg)), batches):
+  for r in decode_report(cfg, decode_params(abstract_model(cfg, unrolled=True)), batches):
     row = {"batch": r["batch"], "context": r["context"],
            "param_bytes": r["param_bytes"], "kv_cache_bytes": r["kv_cache_bytes"],
            "formula_bytes": r["param_bytes"] + r["kv_cache_bytes"],

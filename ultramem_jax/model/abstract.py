@@ -29,9 +29,13 @@ def resolved_vocab(cfg: RunConfig) -> int:
   return cfg.data.bpe_vocab_size if cfg.data.tokenizer == "bpe" else 257
 
 
-def abstract_model(cfg: RunConfig) -> Transformer:
+def abstract_model(cfg: RunConfig, unrolled: bool = False) -> Transformer:
   """The Transformer of `cfg` with abstract parameters (shapes, dtypes and
-  logical sharding names), its vocabulary resolved as ``resolved_vocab``."""
+  logical sharding names), its vocabulary resolved as ``resolved_vocab``.
+  `unrolled`: one block per layer even with ``model.scan_layers`` (the
+  same parameters; what per-layer counts walk)."""
   model_cfg = dataclasses.replace(cfg.model, vocab_size=resolved_vocab(cfg))
+  if unrolled:
+    model_cfg = dataclasses.replace(model_cfg, scan_layers=False)
   with use_mesh(single_device_mesh()):
     return nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))

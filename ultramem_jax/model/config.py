@@ -10,6 +10,7 @@ from typing import Literal
 import jax
 
 from ultramem_jax.config import require
+from ultramem_jax.memory_geometry import memory_geometry
 from ultramem_jax.model.memory.config import MemoryConfig, validate_memory
 
 
@@ -75,17 +76,22 @@ class ModelConfig:
   # `param_dtype`. float64 (for numerical checks) needs JAX_ENABLE_X64=1.
   dtype: Literal["float32", "bfloat16", "float64"] = "float32"
   param_dtype: Literal["float32", "bfloat16", "float64"] = "float32"
-  # Activation rematerialisation of each block in training (jax.checkpoint):
-  # `none` keeps every activation for the backward pass; `full` keeps only
-  # each block's input and recomputes the rest; `save_dots` keeps the
-  # outputs of matrix multiplications (recomputes norms, activations and
-  # softmaxes); `save_dots_and_retrieval` also keeps the memory layer's
-  # retrieved slot indices and scores, so the backward pass does not redo
-  # the top-k.
+  # Activation rematerialisation of each block in training (nnx.remat with
+  # jax.checkpoint_policies; model/remat.py): `none` keeps every activation
+  # for the backward pass; `full` keeps only each block's input and
+  # recomputes the rest; `save_dots` keeps the outputs of matrix
+  # multiplications without batch dimensions (recomputes norms, activations,
+  # softmaxes and attention's batched score products); `save_dots_and_retrieval`
+  # also keeps the memory layer's retrieved slot indices and scores, so the
+  # backward pass does not redo the top-k. Not part of the model: a run may
+  # resume with another policy.
   remat: Literal["none", "full", "save_dots",
                  "save_dots_and_retrieval"] = "none"
-  # Run the blocks as one scanned block over stacked parameters (nnx.scan):
-  # compile time independent of n_layers.
+  # Run the blocks as one scanned block over stacked parameters (nnx.scan;
+  # model/scan.py): compile time independent of n_layers. Needs uniform
+  # blocks: no memory layers in only some blocks, no skip layers, no
+  # shared value table. Checkpoints hold the stacked layout, so a run
+  # resumes only with the setting it was trained with.
   scan_layers: bool = False
 
   @property
@@ -134,10 +140,34 @@ def validate_model(m: ModelConfig) -> None:
     validate_moe(m.ffn.moe)
   require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be > 0")
   validate_memory(m)
+  if m.scan_layers:
+    reason = scan_refusal(m)
+    require(reason is None, "model.scan_layers", True,
+            f"needs blocks that are all alike, but {reason}; set "
+            "model.scan_layers=false")
   for key in ("dtype", "param_dtype"):
     if getattr(m, key) == "float64":
       require(bool(jax.config.jax_enable_x64), f"model.{key}", "float64",
               "needs 64-bit JAX (JAX_ENABLE_X64=1 or jax.enable_x64())")
+
+
+def scan_refusal(m: ModelConfig) -> str | None:
+  """Why the blocks of `m` are not all alike (so ``model.scan_layers``
+  cannot stack them), or None when they are."""
+  mem = m.memory
+  if not mem.enabled:
+    return None
+  placement = memory_geometry(m).placement
+  if mem.share_values:
+    return ("model.memory.share_values=true gives every memory layer its own "
+            "window of one shared table (UltraMem v1's shared tables)")
+  if any(src != dst for src, dst in placement):
+    return (f"model.memory.layers={mem.layers!r} holds skip layers that add "
+            "their output after a later block (UltraMem v1)")
+  if len(placement) != m.n_layers:
+    return (f"model.memory.layers={mem.layers!r} puts memory layers in "
+            f"{len(placement)} of the {m.n_layers} blocks (use 'all')")
+  return None
 
 
 def validate_moe(e: MoEConfig) -> None:

@@ -1,6 +1,13 @@
-"""Decoder-only Transformer whose FFN slot is chosen by config."""
+"""Decoder-only Transformer whose FFN slot is chosen by config.
+
+The blocks run one after another (``blocks`` is an ``nnx.List``) or, with
+``model.scan_layers``, as one stacked block under ``nnx.scan`` (scan.py);
+either way each block runs under the ``model.remat`` policy (remat.py).
+"""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +23,9 @@ from ultramem_jax.model.ffn import build_ffn
 from ultramem_jax.model.kv_cache import KVCache, LayerCache
 from ultramem_jax.model.memory.init import calibrate_memory
 from ultramem_jax.model.memory.layer import MemoryLayer, MemoryTable
+from ultramem_jax.model.remat import remat
+from ultramem_jax.model.scan import (resow_per_layer, scan_blocks, scan_extend,
+                                     stack_modules, unstack_module)
 from ultramem_jax.parallel.rules import constrain
 
 _ACT = ("activation_batch", "activation_length", "activation_embed")
@@ -55,9 +65,18 @@ class Block(nnx.Module):
              ) -> tuple[jax.Array, jax.Array | None, LayerCache]:
     """The block for generation (kv_cache.py): attention reads and extends
     this layer's cache. Returns __call__'s pair and the layer's cache."""
-    a, layer_cache = self.attn.extend(
-        self.attn_norm(x), positions, cache.layers[self.index],
-        cache.length, cache.visible(x.shape[1]))
+    return self.extend_layer(x, positions, cache.layers[self.index],
+                             cache.length, cache.visible(x.shape[1]),
+                             memory_table)
+
+  def extend_layer(self, x: jax.Array, positions: jax.Array,
+                   layer_cache: LayerCache, length: jax.Array,
+                   visible: jax.Array, memory_table: MemoryTable | None = None
+                   ) -> tuple[jax.Array, jax.Array | None, LayerCache]:
+    """:meth:`extend` given this layer's own cache (scanned layers pass
+    each layer's cache through the scan)."""
+    a, layer_cache = self.attn.extend(self.attn_norm(x), positions,
+                                      layer_cache, length, visible)
     return *self._rest(x, a, memory_table), layer_cache
 
   def _rest(self, x: jax.Array, attn_out: jax.Array,
@@ -98,9 +117,13 @@ class Transformer(nnx.Module):
     reads = {src: (l, dst) for l, (src, dst) in enumerate(geo.placement)}
     self.memory_table = (MemoryTable(cfg, geo.table_rows, rngs=rngs)
                          if cfg.memory.share_values and geo.placement else None)
+    self.remat = cfg.remat
+    self.scanned = False
     self.blocks = nnx.List(
         [Block(cfg, i, rngs=rngs, memory=reads.get(i))
          for i in range(cfg.n_layers)])
+    if cfg.scan_layers:
+      stack_blocks(self)
     self.final_norm = RMSNorm(cfg.d_model, cfg, rngs=rngs)
     if not cfg.tie_embeddings:
       self.lm_head = normal_param(rngs, linear_std(cfg),
@@ -129,20 +152,10 @@ class Transformer(nnx.Module):
     """Logits, and every layer's updated cache when `cache` is given."""
     x = jnp.take(self.token_embed[...], tokens, axis=0).astype(self.dtype)
     x = constrain(x, _ACT)
-    later: dict[int, jax.Array] = {}
-    layers: list[LayerCache] = []
-    for i, block in enumerate(self.blocks):
-      if cache is None:
-        x, deferred = block(x, positions, self.memory_table)
-      else:
-        x, deferred, layer_cache = block.extend(x, positions, cache,
-                                                self.memory_table)
-        layers.append(layer_cache)
-      if deferred is not None:
-        t = block.memory_target
-        later[t] = deferred if t not in later else later[t] + deferred
-      if i in later:
-        x = constrain(x + later.pop(i), _ACT)
+    if self.scanned:
+      x, layers = self._scanned(x, positions, cache)
+    else:
+      x, layers = self._unrolled(x, positions, cache)
     x = self.final_norm(x)
     if self.tie_embeddings:
       head = self.token_embed[...].astype(self.dtype).T
@@ -153,12 +166,71 @@ class Transformer(nnx.Module):
     return constrain(logits, ("activation_batch", "activation_length",
                               "activation_vocab")), layers
 
+  def _scanned(self, x: jax.Array, positions: jax.Array,
+               cache: KVCache | None) -> tuple[jax.Array, list[LayerCache]]:
+    """The stacked blocks under one scan; what they sowed is sown again
+    per layer, under the paths an unrolled model uses."""
+    layers: list[LayerCache] = []
+    if cache is None:
+      x = scan_blocks(self.blocks, x, positions, self.remat)
+    else:
+      x, layers = scan_extend(self.blocks, x, positions, cache.layers,
+                              cache.length, cache.visible(x.shape[1]))
+    resow_per_layer(self, "blocks")
+    return x, layers
+
+  def _unrolled(self, x: jax.Array, positions: jax.Array,
+                cache: KVCache | None) -> tuple[jax.Array, list[LayerCache]]:
+    """The blocks one after another, each under the remat policy; skip
+    memory layers' outputs are added after their destination block."""
+    call = remat(lambda block, x, positions, table: block(x, positions, table),
+                 self.remat)
+    later: dict[int, jax.Array] = {}
+    layers: list[LayerCache] = []
+    for i, block in enumerate(self.blocks):
+      if cache is None:
+        x, deferred = call(block, x, positions, self.memory_table)
+      else:
+        x, deferred, layer_cache = block.extend(x, positions, cache,
+                                                self.memory_table)
+        layers.append(layer_cache)
+      if deferred is not None:
+        t = block.memory_target
+        later[t] = deferred if t not in later else later[t] + deferred
+      if i in later:
+        x = constrain(x + later.pop(i), _ACT)
+    return x, layers
+
+
+def stack_blocks(model: Transformer) -> None:
+  """Puts `model`'s blocks into the scanned layout (``model.scan_layers``):
+  one block whose variables are stacked on a leading ``layers`` axis."""
+  model.blocks = stack_modules(list(model.blocks))
+  model.scanned = True
+
+
+def unstack_blocks(model: Transformer) -> None:
+  """The inverse of :func:`stack_blocks`: the unrolled list of blocks, each
+  with its own index again."""
+  blocks = unstack_module(model.blocks)
+  for i, block in enumerate(blocks):
+    block.index = i
+    if block.memory is not None:
+      block.memory_target = block.memory.index = i
+  model.blocks = nnx.List(blocks)
+  model.scanned = False
+
 
 def build_model(cfg: ModelConfig, seed: int) -> Transformer:
   """Builds the model under the current mesh and logical rules (see
   ``parallel.mesh.use_mesh``); parameters are placed as they are created.
   Memory layers are then calibrated (the paper's score normalisation and
-  Eq. 26 value init, ``model.memory.init: paper``)."""
-  model = Transformer(cfg, rngs=nnx.Rngs(params=seed))
+  Eq. 26 value init, ``model.memory.init: paper``).
+  With ``model.scan_layers`` the blocks are built and calibrated unrolled,
+  then stacked, so a seed gives the same model in either layout."""
+  unrolled = dataclasses.replace(cfg, scan_layers=False)
+  model = Transformer(unrolled, rngs=nnx.Rngs(params=seed))
   calibrate_memory(model, cfg, seed)
+  if cfg.scan_layers:
+    stack_blocks(model)
   return model

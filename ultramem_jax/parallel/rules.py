@@ -34,6 +34,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("activation_embed", None),
     ("activation_vocab", "tensor"),
     # parameters
+    # model.scan_layers: the leading axis of the stacked blocks' variables
+    ("layers", None),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("mlp", "tensor"),

@@ -21,6 +21,8 @@ memory_stats) MemAvailable of /proc/meminfo, shared by every CPU device.
 Other processes of a multi-process run are counted alike. Where neither is
 known, only the vocabulary bound applies. Activations are not counted, so
 a config that passes may still not fit; one that is refused cannot run.
+The estimate per device with activations, under the remat policy and the
+mesh, is ``memory_estimate.py`` (``inspect --memory``), for before launch.
 """
 
 from __future__ import annotations

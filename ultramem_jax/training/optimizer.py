@@ -34,10 +34,15 @@ def multiplier_schedule(group: ParamGroupConfig) -> optax.Schedule:
 
 
 def _default_label(variable: nnx.Variable) -> str:
-  group = variable.get_metadata().get("param_group")
-  if group:
-    return group
-  return "no_decay" if jnp.ndim(variable[...]) <= 1 else "default"
+  """The variable's ``param_group``, else by its rank, not counting the
+  ``layers`` axis of scanned blocks (a stacked norm scale is a vector per
+  layer)."""
+  meta = variable.get_metadata()
+  if meta.get("param_group"):
+    return meta["param_group"]
+  stacked = tuple(meta.get("out_sharding") or ())[:1] == ("layers",)
+  return ("no_decay" if jnp.ndim(variable[...]) - stacked <= 1
+          else "default")
 
 
 def param_labels(model: nnx.Module) -> dict[tuple, str]:

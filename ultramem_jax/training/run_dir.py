@@ -207,13 +207,14 @@ def first_difference(saved: dict, new: dict, prefix: str = ""
 def _as_trained(section: str, values: dict, other: dict) -> dict:
   """A copy of config section `values` without what does not define the
   trained model: the memory kernels' choice (how the layer is computed),
-  and a vocab_size of 0 (the tokenizer's size) stands for `other`'s; paths
+  the remat policy (what the backward pass stores), and a vocab_size of 0 (the tokenizer's size) stands for `other`'s; paths
   compare with ``~`` expanded."""
   values = copy.deepcopy(dict(values))
   for key in _PATH_KEYS.get(section, ()):
     if isinstance(values.get(key), str):
       values[key] = os.path.expanduser(values[key])
   if section == "model":
+    values.pop("remat", None)
     if isinstance(values.get("memory"), dict):
       values["memory"].pop("kernels", None)
     if not values.get("vocab_size"):
@@ -229,7 +230,8 @@ def model_data_difference(saved: dict | Config, new: dict | Config
   trained on the same data.
 
   Not differences: ``model.memory.kernels`` (the memory layer computed by
-  other kernels is the same model), and ``model.vocab_size: 0`` on either
+  other kernels is the same model), ``model.remat`` (what the backward
+  pass stores, not what it computes), and ``model.vocab_size: 0`` on either
   side (0 takes the tokenizer's size, which the other side holds)."""
   saved = to_dict(saved) if isinstance(saved, Config) else saved
   new = to_dict(new) if isinstance(new, Config) else new
@@ -240,6 +242,17 @@ def model_data_difference(saved: dict | Config, new: dict | Config
     if diff:
       return diff
   return None
+
+
+def _layout_hint(name: str, saved) -> str:
+  """Why a ``model.scan_layers`` difference cannot be resumed across."""
+  if name != "model.scan_layers":
+    return ""
+  layout = ("stacked on a leading layers axis (scanned)" if saved
+            else "one per block (unrolled)")
+  return (f" (its checkpoints hold the blocks' parameters {layout}, which "
+          f"does not restore into model.scan_layers={not saved}; resume with "
+          f"model.scan_layers={saved})")
 
 
 def check_resume(cfg: Config) -> tuple[int | None, bool]:
@@ -277,6 +290,7 @@ def check_resume(cfg: Config) -> tuple[int | None, bool]:
       raise ConfigError(
           f"{name}: the run has {a!r}, this config {b!r}; "
           f"train.run_dir={str(run.root)!r} was trained with a "
-          "different config; use another train.run_dir, or set "
-          "train.overwrite=true to move the old run aside")
+          f"different config{_layout_hint(name, a)}; use another "
+          "train.run_dir, or set train.overwrite=true to move the old run "
+          "aside")
   return latest, False

@@ -14,9 +14,14 @@ def create_state(cfg: Config) -> tuple[nnx.GraphDef, nnx.State]:
   """Builds model and optimizer under the current mesh and logical rules
   (``parallel.mesh.use_mesh``) and splits them: ``state`` is what the steps
   take and what checkpoints hold."""
+  return nnx.split(model_and_optimizer(cfg))
+
+
+def model_and_optimizer(cfg: Config) -> tuple[nnx.Module, nnx.Optimizer]:
+  """The model and its optimizer, unsplit (``nnx.eval_shape`` of this is
+  the train state's shapes and shardings, nothing allocated)."""
   model = build_model(cfg.model, cfg.train.seed)
-  optimizer = make_optimizer(model, cfg.optimizer, cfg.train.steps)
-  return nnx.split((model, optimizer))
+  return model, make_optimizer(model, cfg.optimizer, cfg.train.steps)
 
 
 def param_count(state: nnx.State) -> int:

@@ -25,6 +25,7 @@ from ultramem_jax.model.common import dtype_of, normal_param
 from ultramem_jax.model.config import ModelConfig
 from ultramem_jax.model.memory import retrieval as R
 from ultramem_jax.model.memory.recipe import memory_recipe
+from ultramem_jax.model.scan import layer_path
 # MemoryBuffer is re-exported (model.memory imports it from here).
 from ultramem_jax.model.memory.stages import MemoryBuffer, Sizes  # noqa: F401
 
@@ -186,13 +187,33 @@ def memory_layers(model: nnx.Module) -> list[tuple[str, MemoryLayer]]:
           for path, node in nnx.iter_graph(model) if isinstance(node, MemoryLayer)]
 
 
+def _stacked(layer: MemoryLayer) -> bool:
+  """Whether `layer` holds every layer's variables stacked on a leading
+  axis (``model.scan_layers``, model/scan.py): its call count is [L]."""
+  return layer.calls[...].ndim > 0
+
+
 def refresh_memory(model: nnx.Module) -> None:
-  """Once per optimizer step: recompute every layer's u, v."""
+  """Once per optimizer step: recompute every layer's u, v (each layer of a
+  stacked one on its own)."""
   for _, layer in memory_layers(model):
-    layer.refresh_tucker()
+    if _stacked(layer):
+      nnx.vmap(lambda l: l.refresh_tucker(), in_axes=0, out_axes=None)(layer)
+    else:
+      layer.refresh_tucker()
 
 
 def memory_utilisation(model: nnx.Module, window: int) -> dict[str, jax.Array]:
-  """``layers/<path>/slot_utilisation`` of every memory layer."""
-  return {f"layers/{path}/slot_utilisation": layer.slot_utilisation(window)
-          for path, layer in memory_layers(model)}
+  """``layers/<path>/slot_utilisation`` of every memory layer; a stacked
+  layer reports each of its layers under its unrolled path
+  (``blocks/3/memory``)."""
+  out = {}
+  for path, layer in memory_layers(model):
+    if not _stacked(layer):
+      out[f"layers/{path}/slot_utilisation"] = layer.slot_utilisation(window)
+      continue
+    used = nnx.vmap(lambda l: l.slot_utilisation(window), in_axes=0)(layer)
+    container, *rest = path.split("/")
+    for i in range(used.shape[0]):
+      out[f"layers/{layer_path(container, i, rest)}/slot_utilisation"] = used[i]
+  return out

@@ -40,7 +40,12 @@ from ultramem_jax.model.common import (AuxLoss, LayerMetric,
                                        balance_fraction, normal_param, param,
                                        rms_norm)
 from ultramem_jax.model.memory import retrieval as R
+from ultramem_jax.model.remat import name_retrieved, named_top_k
 from ultramem_jax.parallel import tokens
+
+# The top-k of steps 3-4 with its outputs named for model.remat's
+# save_dots_and_retrieval policy (model/remat.py).
+_top_k = named_top_k(tokens.top_k)
 
 
 class MemoryBuffer(nnx.Variable):
@@ -135,12 +140,12 @@ class Retrieval:
       # 3. Rank-1 pre-filter: a = u . S_row, b = v . S_col; top-K of each.
       pre["a"], pre["b"] = R.prefilter_scores(s_row, s_col, u, v)
       if not layer.use_pallas:
-        top_rows, r_sel = R.top_k_keys(pre["a"], s_row, self.k, tokens.top_k)
-        top_cols, c_sel = R.top_k_keys(pre["b"], s_col, self.k, tokens.top_k)
+        top_rows, r_sel = R.top_k_keys(pre["a"], s_row, self.k, _top_k)
+        top_cols, c_sel = R.top_k_keys(pre["b"], s_col, self.k, _top_k)
     pre.update(top_rows=top_rows, top_cols=top_cols)
     # 4. Exact scores on the K x K grid with every core; keep the top m.
     kept = R.grid_top_m(r_sel, c_sel, top_rows, top_cols, self.summed_cores(layer),
-                        self.top_m, tokens.top_k)
+                        self.top_m, _top_k)
     return kept, pre
 
   def _pallas_topk(self, layer, q_row, q_col, u, v):
@@ -164,6 +169,7 @@ class Retrieval:
       idx, scores = tokens.shard_tokens(topk, mesh, args, token_axis=1)
     idx = jnp.transpose(idx.reshape(h, 2, n, -1), (1, 2, 0, 3))     # [2, N, H, K]
     scores = jnp.transpose(scores.reshape(h, 2, n, -1, r), (1, 2, 0, 3, 4))
+    idx, scores = name_retrieved(idx, scores)
     return (idx[0], scores[0]), (idx[1], scores[1])
 
   def addresses(self, layer, kept: R.Retrieved):
