@@ -46,6 +46,9 @@ CASES = {
                                "model.memory.core_penalty=0.1",
                                "model.memory.core_penalty_tau=0.01"],
 }
+# Two scanned MoE blocks: the whole batch's routing fractions reach each
+# layer of the stack (model.scan_layers slices them along the layers axis).
+CASES["moe_scanned"] = CASES["moe"] + ["model.n_layers=2", "model.scan_layers=true"]
 K = 4
 TOL = dict(rtol=1e-6, atol=1e-6)
 

@@ -99,10 +99,24 @@ def whole_batch_fractions(graphdef, params, rest, rows: dict,
 
 def supply_fractions(model: nnx.Module,
                      fractions: dict[tuple, jax.Array]) -> None:
-  """Sets each whole-batch fraction on the layer that sows it."""
+  """Sets each whole-batch fraction on the layer that sows it. A scanned
+  stack (``model.scan_layers``) re-sows its layers' fractions on the model
+  under their unrolled paths (``blocks/3/ffn/load_balance_fraction``):
+  those are stacked again and set on the stacked layer, whose scan hands
+  layer i its own row."""
+  per_layer: dict[tuple, dict[int, jax.Array]] = {}
   for path, value in fractions.items():
+    if len(path) == 1 and "/" in str(path[0]):
+      container, i, *rest = str(path[0]).split("/")
+      rest = tuple(int(r) if r.isdigit() else r for r in rest)
+      per_layer.setdefault((container, rest), {})[int(i)] = value
+      continue
     setattr(_module_at(model, path[:-1]), whole_batch_attribute(path[-1]),
             WholeBatchFraction(value))
+  for (container, rest), by_layer in per_layer.items():
+    stacked = jnp.stack([by_layer[i] for i in sorted(by_layer)])
+    setattr(_module_at(getattr(model, container), rest[:-1]),
+            whole_batch_attribute(rest[-1]), WholeBatchFraction(stacked))
 
 
 def accumulated_gradients(model: nnx.Module, batch: dict, k: int
