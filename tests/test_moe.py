@@ -129,7 +129,8 @@ def _close(a, b, rtol=2e-4, atol=2e-6):
 @pytest.mark.parametrize("renormalize", [False, True])
 @pytest.mark.parametrize("shared", [0, 1])
 @pytest.mark.parametrize("impl,block", [("ragged_dot", 64), ("blocked", 4),
-                                        ("blocked", 5), ("gather", 64)])
+                                        ("blocked", 5), ("gather", 64),
+                                        ("loop", 3)])
 def test_dropless_matches_per_token_loop(mesh, renormalize, shared, impl, block):
   layer = MoE(make_cfg(renormalize=renormalize, num_shared_experts=shared,
                        grouped_matmul=impl, block_size=block), 0,
