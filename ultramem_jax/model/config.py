@@ -39,7 +39,7 @@ class MoEConfig:
   # [rows, d, f] copy), `loop` (a loop over blocks of one expert's rows, at
   # most `block_size` and about the mean rows per expert, each reading its
   # expert's weights in place: reads each used expert once, for decoding),
-  # or `auto` (loop up to 32 rows per expert on average, else blocked on
+  # or `auto` (loop up to 8 rows per expert on average, else blocked on
   # CPU and ragged_dot elsewhere).
   grouped_matmul: Literal["auto", "ragged_dot", "blocked", "gather",
                           "loop"] = "auto"

@@ -28,15 +28,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ultramem_jax.model.common import (AuxLoss, LayerMetric, dtype_of,
-                                       linear_std, normal_param, output_std)
+                                       linear_std, normal_param, output_std,
+                                       weight_dot)
 from ultramem_jax.model.config import ModelConfig
 from ultramem_jax.model.ffn import SwiGLU, register_ffn
 from ultramem_jax.parallel import expert_sharding as ES
 from ultramem_jax.parallel import tokens
 
 # ``auto`` takes the ``loop`` path up to this many rows (assignments) per
-# expert on average: decode batches up to 256 with 64 experts and top-8.
-LOOP_ROWS_PER_EXPERT = 32
+# expert on average: decode batches up to 64 with 64 experts and top-8.
+# Beyond, the batched paths do more FLOPs per second, and training (whose
+# weight gradient the loop accumulates into [E, ...] arrays) stays on them.
+LOOP_ROWS_PER_EXPERT = 8
 
 def load_balance_loss(fraction: jax.Array, mean_prob: jax.Array,
                       coef: float) -> jax.Array:
@@ -119,8 +122,9 @@ def grouped_swiglu_loop(xs: jax.Array, group_sizes: jax.Array, w_gate: jax.Array
   """The same grouped SwiGLU as a loop over blocks of at most `block` rows
   of one expert: each block slices its expert's three matrices out of the
   [E, ...] weights in place (``dynamic_index``; cast to `dtype`, if given,
-  after the slice: only the experts used are cast) and multiplies all its
-  rows by them. Empty blocks (a static bound of ceil(rows / b) + min(E,
+  after the slice: only the experts used are cast, and on CPU float32
+  weights are not rounded, see ``common.weight_dot``) and multiplies all
+  its rows by them. Empty blocks (a static bound of ceil(rows / b) + min(E,
   rows) blocks, most of them unused) are skipped by a ``cond``, so a step
   reads each used expert once when it has at most b rows and never reads
   an unused one: the bytes of a decode step. FLOPs are at most (rows +
@@ -142,12 +146,13 @@ def grouped_swiglu_loop(xs: jax.Array, group_sizes: jax.Array, w_gate: jax.Array
                     jnp.clip(ends[expert] - first, 0, block), 0)
   # b rows of padding so that every block's window lies inside the buffer.
   xp = jnp.concatenate([xs, jnp.zeros((block, d), xs.dtype)])
-  take = lambda w, j: jax.lax.dynamic_index_in_dim(
-      w, expert[j], keepdims=False).astype(dtype or w.dtype)
+  dt = dtype or xs.dtype
+  mm = lambda v, w, j: weight_dot(
+      v, jax.lax.dynamic_index_in_dim(w, expert[j], keepdims=False), dt)
 
   def run(j, out):
-    x = jax.lax.dynamic_slice_in_dim(xp, first[j], block).astype(dtype or xs.dtype)
-    y = (jax.nn.silu(x @ take(w_gate, j)) * (x @ take(w_up, j))) @ take(w_down, j)
+    x = jax.lax.dynamic_slice_in_dim(xp, first[j], block).astype(dt)
+    y = mm(jax.nn.silu(mm(x, w_gate, j)) * mm(x, w_up, j), w_down, j)
     old = jax.lax.dynamic_slice_in_dim(out, first[j], block)
     y = jnp.where((jnp.arange(block) < count[j])[:, None], y.astype(out.dtype), old)
     return jax.lax.dynamic_update_slice_in_dim(out, y, first[j], 0)
@@ -155,7 +160,7 @@ def grouped_swiglu_loop(xs: jax.Array, group_sizes: jax.Array, w_gate: jax.Array
   out = jax.lax.fori_loop(
       0, n_blocks,
       lambda j, out: jax.lax.cond(count[j] > 0, run, lambda j, out: out, j, out),
-      jnp.zeros((rows + block, d), dtype or xs.dtype))
+      jnp.zeros((rows + block, d), dt))
   return out[:rows]
 
 

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ultramem_jax.model.common import acc_dtype, rms_norm
+from ultramem_jax.model.common import acc_dtype, keeps_float32_weights, rms_norm
 
 
 # --------------------------------------------------------------------------
@@ -30,6 +30,8 @@ def queries(h: jax.Array, w_q: jax.Array, scale: jax.Array, eps: float, *,
   q[0, 1] the column query of every rank (q[1, :] is computed, never read).
   With one query head shared by H heads (UltraMem v1) it is broadcast.
   """
+  if keeps_float32_weights(w_q.dtype, h.dtype):   # see common.weight_dot
+    h = h.astype(jnp.float32)
   q = jnp.einsum("nd,dqsrk->nqsrk", h, w_q.astype(h.dtype),
                  preferred_element_type=acc_dtype(h.dtype))
   q = rms_norm(q, scale, eps)
