@@ -76,9 +76,14 @@ def weight_dot(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
   the dot's own: 3.5x the float32 time of a decode step's dense FFN. The
   result differs from the cast one by the weights' own rounding (relative
   2**-9 per weight) and is the more exact of the two."""
-  if keeps_float32_weights(w.dtype, dtype):
-    return (x.astype(jnp.float32) @ w).astype(dtype)
-  return x @ w.astype(dtype)
+  return (x @ compute_weight(w, dtype)).astype(dtype)
+
+
+def compute_weight(w: jax.Array, dtype) -> jax.Array:
+  """A stored weight as the dots of :func:`weight_dot` take it: cast to the
+  compute dtype, or left in float32 where ``keeps_float32_weights`` (jnp
+  then promotes the bfloat16 operand, exactly, to float32)."""
+  return w if keeps_float32_weights(w.dtype, dtype) else w.astype(dtype)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float, axis: int = -1) -> jax.Array:
