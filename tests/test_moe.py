@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ultramem_jax.model.common import AuxLoss, LayerMetric
+from ultramem_jax.model.common import AuxLoss, LayerMetric, weight_dot
 from ultramem_jax.model.config import FFNConfig, ModelConfig, MoEConfig
 from ultramem_jax.model.ffn import build_ffn
 from ultramem_jax.model.moe import MoE, load_balance_loss
@@ -129,7 +129,8 @@ def _close(a, b, rtol=2e-4, atol=2e-6):
 @pytest.mark.parametrize("renormalize", [False, True])
 @pytest.mark.parametrize("shared", [0, 1])
 @pytest.mark.parametrize("impl,block", [("ragged_dot", 64), ("blocked", 4),
-                                        ("blocked", 5), ("gather", 64)])
+                                        ("blocked", 5), ("gather", 64),
+                                        ("loop", 3)])
 def test_dropless_matches_per_token_loop(mesh, renormalize, shared, impl, block):
   layer = MoE(make_cfg(renormalize=renormalize, num_shared_experts=shared,
                        grouped_matmul=impl, block_size=block), 0,
@@ -324,3 +325,32 @@ def test_registered_and_sown_per_block(mesh):
   popped = nnx.pop(model, AuxLoss)
   assert {p for p, _ in nnx.to_flat_state(popped)} == set(flat)
   assert not nnx.to_flat_state(nnx.state(model, AuxLoss))
+
+
+def test_cpu_bf16_weight_dot_keeps_float32_weights():
+  """On CPU, bfloat16 compute over float32 weights multiplies the weights
+  unrounded (model/common.py, weight_dot): the float64 product of the
+  bfloat16 input and the float32 weight, rounded once to bfloat16."""
+  assert jax.default_backend() == "cpu"
+  x = jax.random.normal(jax.random.key(0), (3, 64), jnp.bfloat16)
+  w = jax.random.normal(jax.random.key(1), (64, 24), jnp.float32)
+  got = weight_dot(x, w, jnp.bfloat16)
+  exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float64), exact, rtol=2.0 ** -8,
+                             atol=1e-6)
+  np.testing.assert_array_equal(weight_dot(x.astype(jnp.float32), w, jnp.float32),
+                                x.astype(jnp.float32) @ w)
+
+
+def test_bf16_loop_path_matches_per_token_loop(mesh):
+  """The decode path in bfloat16 (float32 weights unrounded on CPU) equals
+  the float64 per-token loop on the bfloat16 input to bfloat16 accuracy."""
+  cfg = dataclasses.replace(make_cfg(grouped_matmul="loop"), dtype="bfloat16")
+  layer = MoE(cfg, 0, rngs=nnx.Rngs(params=1))
+  h = _input(dtype=jnp.bfloat16)
+  y, _, _ = _run(layer, h)
+  ref = numpy_reference(_params(layer), np.asarray(h, np.float32), False)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=2e-2,
+                             atol=2e-2 * np.abs(ref).max())

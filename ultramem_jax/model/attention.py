@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ultramem_jax.model.common import dtype_of, linear_std, normal_param, output_std
+from ultramem_jax.model.common import (compute_weight, dtype_of, linear_std,
+                                       normal_param, output_std)
 from ultramem_jax.model.config import ModelConfig
 from ultramem_jax.model.kv_cache import LayerCache
 
@@ -62,15 +63,15 @@ class Attention(nnx.Module):
 
   def _project(self, x: jax.Array, positions: jax.Array):
     """Queries, keys (both rotated) and values, [B, T, heads, head_dim]."""
-    dt = self.dtype
-    q = jnp.einsum("btd,dnh->btnh", x, self.wq[...].astype(dt))
-    k = jnp.einsum("btd,dnh->btnh", x, self.wk[...].astype(dt))
-    v = jnp.einsum("btd,dnh->btnh", x, self.wv[...].astype(dt))
+    dt = self.dtype   # compute_weight: float32 weights stay unrounded on CPU
+    proj = lambda w: jnp.einsum("btd,dnh->btnh", x, compute_weight(w, dt)).astype(dt)
+    q, k, v = proj(self.wq[...]), proj(self.wk[...]), proj(self.wv[...])
     return rotary(q, positions, self.theta), rotary(k, positions, self.theta), v
 
   def _output(self, out: jax.Array) -> jax.Array:
     """[B, T, heads, head_dim] -> [B, T, d]."""
-    return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(self.dtype))
+    return jnp.einsum("btnh,nhd->btd", out,
+                      compute_weight(self.wo[...], self.dtype)).astype(self.dtype)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,

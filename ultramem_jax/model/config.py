@@ -36,10 +36,14 @@ class MoEConfig:
   # native on TPU/GPU), `blocked` (each expert's rows padded to blocks of
   # `block_size`, one batched matmul with per-block weights: exact, about
   # 1.1x the ideal FLOPs; XLA's CPU ragged_dot is a dense masked product with
-  # E times the FLOPs), `gather` (each row's expert weights gathered: reads
-  # only the experts used, for decoding), or `auto` (gather when there are
-  # no more rows than experts, else blocked on CPU and ragged_dot elsewhere).
-  grouped_matmul: Literal["auto", "ragged_dot", "blocked", "gather"] = "auto"
+  # E times the FLOPs), `gather` (each row's expert weights gathered into a
+  # [rows, d, f] copy), `loop` (a loop over blocks of one expert's rows, at
+  # most `block_size` and about the mean rows per expert, each reading its
+  # expert's weights in place: reads each used expert once, for decoding),
+  # or `auto` (loop up to 8 rows per expert on average, else blocked on
+  # CPU and ragged_dot elsewhere).
+  grouped_matmul: Literal["auto", "ragged_dot", "blocked", "gather",
+                          "loop"] = "auto"
   block_size: int = 64
 
 

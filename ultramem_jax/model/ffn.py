@@ -13,7 +13,8 @@ from typing import Callable
 import jax
 from flax import nnx
 
-from ultramem_jax.model.common import dtype_of, linear_std, normal_param, output_std
+from ultramem_jax.model.common import (dtype_of, linear_std, normal_param,
+                                       output_std, weight_dot)
 from ultramem_jax.model.config import ModelConfig
 
 FFN_KINDS: dict[str, Callable[..., nnx.Module]] = {}
@@ -49,6 +50,6 @@ class SwiGLU(nnx.Module):
     self.w_down = normal_param(rngs, output_std(cfg), (f, d), ("mlp", "embed"), pdt)
 
   def __call__(self, h: jax.Array) -> jax.Array:
-    dt = self.dtype
-    gate = jax.nn.silu(h @ self.w_gate[...].astype(dt))
-    return (gate * (h @ self.w_up[...].astype(dt))) @ self.w_down[...].astype(dt)
+    dt = self.dtype   # weight_dot: float32 weights stay unrounded on CPU
+    gate = jax.nn.silu(weight_dot(h, self.w_gate[...], dt))
+    return weight_dot(gate * weight_dot(h, self.w_up[...], dt), self.w_down[...], dt)

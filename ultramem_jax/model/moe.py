@@ -29,12 +29,17 @@ from flax import nnx
 
 from ultramem_jax.model.common import (AuxLoss, LayerMetric,
                                        balance_fraction, dtype_of, linear_std,
-                                       normal_param, output_std)
+                                       normal_param, output_std, weight_dot)
 from ultramem_jax.model.config import ModelConfig
 from ultramem_jax.model.ffn import SwiGLU, register_ffn
 from ultramem_jax.parallel import expert_sharding as ES
 from ultramem_jax.parallel import tokens
 
+# ``auto`` takes the ``loop`` path up to this many rows (assignments) per
+# expert on average: decode batches up to 64 with 64 experts and top-8.
+# Beyond, the batched paths do more FLOPs per second, and training (whose
+# weight gradient the loop accumulates into [E, ...] arrays) stays on them.
+LOOP_ROWS_PER_EXPERT = 8
 
 def load_balance_loss(fraction: jax.Array, mean_prob: jax.Array,
                       coef: float) -> jax.Array:
@@ -101,6 +106,62 @@ def grouped_swiglu_blocked(xs: jax.Array, group_sizes: jax.Array, w_gate: jax.Ar
   h = jax.nn.silu(mm(xb, w_gate)) * mm(xb, w_up)
   out = mm(h, w_down).reshape(n_blocks * block, d)
   return out.at[dest].get(mode="fill", fill_value=0)
+
+
+def loop_block(rows: int, num_experts: int, cap: int) -> int:
+  """Rows per block of the ``loop`` path: the power of two at or above the
+  mean rows per expert (1 at decode batch 1, 8 at batch 64 with 64 experts
+  and top-8), at most `cap` (``block_size``)."""
+  mean = -(-rows // num_experts)
+  return max(1, min(cap, 1 << (mean - 1).bit_length()))
+
+
+def grouped_swiglu_loop(xs: jax.Array, group_sizes: jax.Array, w_gate: jax.Array,
+                        w_up: jax.Array, w_down: jax.Array, block: int,
+                        dtype=None) -> jax.Array:
+  """The same grouped SwiGLU as a loop over blocks of at most `block` rows
+  of one expert: each block slices its expert's three matrices out of the
+  [E, ...] weights in place (``dynamic_index``; cast to `dtype`, if given,
+  after the slice: only the experts used are cast, and on CPU float32
+  weights are not rounded, see ``common.weight_dot``) and multiplies all
+  its rows by them. Empty blocks (a static bound of ceil(rows / b) + min(E,
+  rows) blocks, most of them unused) are skipped by a ``cond``, so a step
+  reads each used expert once when it has at most b rows and never reads
+  an unused one: the bytes of a decode step. FLOPs are at most (rows +
+  used * (b - 1)) / rows of the ideal. A ``fori_loop`` with static bounds,
+  so it is differentiable (the weight gradient accumulates into [E, ...]
+  arrays: meant for decoding, not for training). Rows past sum(g) give
+  zeros."""
+  rows, d = xs.shape
+  e = group_sizes.shape[0]
+  n_blocks = -(-rows // block) + min(e, rows)
+  ends = jnp.cumsum(group_sizes)
+  per_expert = -(-group_sizes // block)            # blocks of each expert
+  block_ends = jnp.cumsum(per_expert)
+  i = jnp.arange(n_blocks)
+  expert = jnp.minimum(jnp.searchsorted(block_ends, i, side="right"), e - 1)
+  first = ends[expert] - group_sizes[expert] + (
+      i - block_ends[expert] + per_expert[expert]) * block
+  count = jnp.where(i < block_ends[-1],
+                    jnp.clip(ends[expert] - first, 0, block), 0)
+  # b rows of padding so that every block's window lies inside the buffer.
+  xp = jnp.concatenate([xs, jnp.zeros((block, d), xs.dtype)])
+  dt = dtype or xs.dtype
+  mm = lambda v, w, j: weight_dot(
+      v, jax.lax.dynamic_index_in_dim(w, expert[j], keepdims=False), dt)
+
+  def run(j, out):
+    x = jax.lax.dynamic_slice_in_dim(xp, first[j], block).astype(dt)
+    y = mm(jax.nn.silu(mm(x, w_gate, j)) * mm(x, w_up, j), w_down, j)
+    old = jax.lax.dynamic_slice_in_dim(out, first[j], block)
+    y = jnp.where((jnp.arange(block) < count[j])[:, None], y.astype(out.dtype), old)
+    return jax.lax.dynamic_update_slice_in_dim(out, y, first[j], 0)
+
+  out = jax.lax.fori_loop(
+      0, n_blocks,
+      lambda j, out: jax.lax.cond(count[j] > 0, run, lambda j, out: out, j, out),
+      jnp.zeros((rows + block, d), dt))
+  return out[:rows]
 
 
 @register_ffn("moe")
@@ -191,14 +252,18 @@ class MoE(nnx.Module):
                       w_gate: jax.Array, w_up: jax.Array,
                       w_down: jax.Array) -> jax.Array:
     impl = self.grouped_matmul
+    rows, e = xs.shape[0], group_sizes.shape[0]
     if impl == "auto":
-      if xs.shape[0] <= group_sizes.shape[0]:   # decoding: few rows
-        impl = "gather"
+      if rows <= LOOP_ROWS_PER_EXPERT * e:   # decoding: few rows per expert
+        impl = "loop"
       else:
         impl = "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
     dt = self.dtype
     if impl == "gather":   # cast after the gather: only the used experts
       return grouped_swiglu_gather(xs, group_sizes, w_gate, w_up, w_down, dt)
+    if impl == "loop":     # cast after the slice: only the used experts
+      return grouped_swiglu_loop(xs, group_sizes, w_gate, w_up, w_down,
+                                 loop_block(rows, e, self.block_size), dt)
     w = (w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt))
     if impl == "blocked":
       return grouped_swiglu_blocked(xs, group_sizes, *w, self.block_size)

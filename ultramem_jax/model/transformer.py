@@ -16,8 +16,9 @@ from flax import nnx
 from ultramem_jax.memory_geometry import memory_geometry
 from ultramem_jax.model import moe as _moe  # noqa: F401  registers ffn kind "moe"
 from ultramem_jax.model.attention import Attention
-from ultramem_jax.model.common import (RMSNorm, dtype_of, linear_std,
-                                       normal_param, sow_rms_ratio)
+from ultramem_jax.model.common import (RMSNorm, compute_weight,
+                                       dtype_of, linear_std, normal_param,
+                                       sow_rms_ratio)
 from ultramem_jax.model.config import ModelConfig
 from ultramem_jax.model.ffn import build_ffn
 from ultramem_jax.model.kv_cache import KVCache, LayerCache
@@ -157,10 +158,11 @@ class Transformer(nnx.Module):
     else:
       x, layers = self._unrolled(x, positions, cache)
     x = self.final_norm(x)
+    # compute_weight: float32 weights stay unrounded on CPU (common.py).
     if self.tie_embeddings:
-      head = self.token_embed[...].astype(self.dtype).T
+      head = compute_weight(self.token_embed[...], self.dtype).T
     else:
-      head = self.lm_head[...].astype(self.dtype)
+      head = compute_weight(self.lm_head[...], self.dtype)
     logits = jnp.einsum("btd,dv->btv", x, head,
                         preferred_element_type=jnp.float32)
     return constrain(logits, ("activation_batch", "activation_length",

@@ -12,7 +12,7 @@ from flax import nnx
 from pallas_kernels import value_read
 from pallas_kernels.reference import (ACTIVATIONS, pre_value_products,
                                       weighted_value_sum)
-from ultramem_jax.model.common import normal_param
+from ultramem_jax.model.common import normal_param, weight_dot
 from ultramem_jax.model.memory.stages import Sizes
 from ultramem_jax.parallel import memory_sharding as MS
 from ultramem_jax.parallel import tokens
@@ -34,7 +34,7 @@ class ProjectedPreValues:
                                 ("embed", "memory_value"), sizes.param_dtype)}
 
   def inputs(self, layer, x: jax.Array) -> jax.Array:
-    return x @ layer.w_p[...].astype(x.dtype)
+    return weight_dot(x, layer.w_p[...], x.dtype)
 
   def flops(self, layer) -> int:
     return layer.w_p.size
@@ -127,7 +127,7 @@ class OutputProjection:
                                 ("memory_value", "embed"), sizes.param_dtype)}
 
   def __call__(self, layer, x: jax.Array, o: jax.Array) -> jax.Array:
-    return o @ layer.w_o[...].astype(x.dtype)
+    return weight_dot(o, layer.w_o[...], x.dtype)
 
   def flops(self, layer) -> int:
     return layer.w_o.size
@@ -146,7 +146,7 @@ class GatedOutput:
     return {"w_g": w_g, **self.projection.create(rngs, sizes)}
 
   def __call__(self, layer, x: jax.Array, o: jax.Array) -> jax.Array:
-    gated = o * jax.nn.silu(x @ layer.w_g[...].astype(x.dtype))
+    gated = o * jax.nn.silu(weight_dot(x, layer.w_g[...], x.dtype))
     return self.projection(layer, x, gated)
 
   def flops(self, layer) -> int:

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ultramem_jax.model.common import acc_dtype, rms_norm
+from ultramem_jax.model.common import acc_dtype, keeps_float32_weights, rms_norm
 
 
 # --------------------------------------------------------------------------
@@ -30,6 +30,8 @@ def queries(h: jax.Array, w_q: jax.Array, scale: jax.Array, eps: float, *,
   q[0, 1] the column query of every rank (q[1, :] is computed, never read).
   With one query head shared by H heads (UltraMem v1) it is broadcast.
   """
+  if keeps_float32_weights(w_q.dtype, h.dtype):   # see common.weight_dot
+    h = h.astype(jnp.float32)
   q = jnp.einsum("nd,dqsrk->nqsrk", h, w_q.astype(h.dtype),
                  preferred_element_type=acc_dtype(h.dtype))
   q = rms_norm(q, scale, eps)
@@ -49,10 +51,17 @@ def queries(h: jax.Array, w_q: jax.Array, scale: jax.Array, eps: float, *,
 def subkey_scores(q_row: jax.Array, q_col: jax.Array, keys: jax.Array,
                   scale: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
   """Step 2. keys [H, 2, ns, Dk, r] are KeyNorm-ed over Dk; returns
-  S_row[N, H, ns, r] = <q_row[t], Kn[0, j, :, t]> and S_col likewise."""
-  kn = rms_norm(keys, scale, eps, axis=3)
-  s_row = jnp.einsum("nhrk,hjkr->nhjr", q_row, kn[:, 0])
-  s_col = jnp.einsum("nhrk,hjkr->nhjr", q_col, kn[:, 1])
+  S_row[N, H, ns, r] = <q_row[t], Kn[0, j, :, t]> and S_col likewise.
+
+  The keys are moved to [H, 2, r, ns, Dk] first, so that the norm reduces
+  over the contiguous axis and the rank is a leading batch axis of the
+  dots: in the stored layout XLA:CPU reduces over a strided axis and
+  copies the normalised keys again for the dots (a decode step at batch 1
+  spent 0.39 ms per layer here, 0.24 ms after; same values up to the
+  order of the float32 sums)."""
+  kn = rms_norm(jnp.moveaxis(keys, 4, 2), scale, eps, axis=-1)  # [H, 2, r, ns, Dk]
+  s_row = jnp.einsum("nhrk,hrjk->nhjr", q_row, kn[:, 0])
+  s_col = jnp.einsum("nhrk,hrjk->nhjr", q_col, kn[:, 1])
   return s_row, s_col
 
 
