@@ -77,10 +77,10 @@ def step_bytes(cfg, batches) -> list[dict]:
   return decode_report(cfg, decode_params(abstract_model(cfg)), tuple(batches))
 
 
-def _fits(nbytes: int) -> tuple[bool, str]:
-  """Whether `nbytes` more (plus a half for the step's temporaries) fit in
-  the memory available now."""
-  need, (have, _) = 1.5 * nbytes, available_bytes()
+def _fits(nbytes: int, spare: float) -> tuple[bool, str]:
+  """Whether `nbytes` more, times `spare` (room for what is allocated
+  beside them) plus 1 GB, fit in the memory available now."""
+  need, (have, _) = spare * nbytes + 1e9, available_bytes()
   return (not have or need <= have), (f"needs ~{need / 1e9:.1f} GB more, "
                                       f"{have / 1e9:.1f} GB available")
 
@@ -141,7 +141,7 @@ def _measure(quick: bool) -> dict:
   for dtype in tqdm(QUICK_DTYPES if quick else DTYPES, desc="decode dtypes",
                     leave=False):
     cfgs = [model_config(path, dtype, context, quick) for _, path in MODELS]
-    ok, why = _fits(sum(_param_bytes(c) for c in cfgs))
+    ok, why = _fits(0 if built else sum(_param_bytes(c) for c in cfgs), 1.05)
     if not ok:
       out["cells"] += [{"dtype": dtype, "batch": b, "skipped": why,
                         "bytes": {n: step_bytes(c, [b])[0]
@@ -161,7 +161,7 @@ def _measure(quick: bool) -> dict:
                 "bytes": {n: step_bytes(c, [batch])[0]
                           for (n, _), c in zip(MODELS, cfgs)}}
         ok, why = _fits(cell["bytes"][MODELS[0][0]]["kv_cache_bytes"]
-                        * (context + 1) // context)
+                        * (context + 1) // context, 1.5)
         if not ok:
           cell["skipped"] = why
         else:
