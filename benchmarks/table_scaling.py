@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from benchmarks.report import Result, Table
 from benchmarks.timing import interleave, ms
-from benchmarks.train import QUICK as TRAIN_QUICK, _batch
+from benchmarks.train import QUICK as TRAIN_QUICK, random_batch
 from ultramem_jax.model.memory.layer import memory_layers
 from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh
 from ultramem_jax.training.config import load_config
@@ -92,7 +92,7 @@ def _programs(cfg, seed: int = 0) -> dict:
 
   train_step = make_train_step(graphdef)
   fresh = jax.tree.map(jnp.copy, state)   # the step donates its state
-  batch = _batch(cfg, cfg.train.seed)
+  batch = random_batch(cfg, cfg.train.seed)
   holder = {"state": fresh}
 
   def train():
@@ -107,8 +107,8 @@ def _programs(cfg, seed: int = 0) -> dict:
           "train step": train}
 
 
-def run(quick: bool = False) -> Result:
-  scales = QUICK_SCALES if quick else SCALES
+def _measure(scales, quick: bool) -> tuple[dict, dict]:
+  """(config per scale, {program: {scale: median seconds}})."""
   cfgs = {s: _config(s, quick) for s in scales}
   times: dict = {}
   with use_mesh(single_device_mesh()):
@@ -120,7 +120,13 @@ def run(quick: bool = False) -> Result:
                      rounds=1 if quick else 10, min_rounds=1 if quick else 4,
                      budget_s=None if quick else 12.0, progress=False)
       times[name] = {s: t[s].median for s in scales}
-  derived = {
+  return cfgs, times
+
+
+def _derived(times: dict, scales) -> dict:
+  """The split of the measured programs: value read and table gradient are
+  differences of medians."""
+  return {
       "retrieval": times["retrieval"],
       "value read": {s: times["layer forward"][s] - times["retrieval"][s]
                      for s in scales},
@@ -128,6 +134,9 @@ def run(quick: bool = False) -> Result:
                          for s in scales},
       "optimizer update": times["optimizer update"],
       "train step": times["train step"]}
+
+
+def _program_table(times: dict, derived: dict, scales) -> Table:
   rows = []
   for name, by in [*times.items(), *[(k, v) for k, v in derived.items()
                                      if k in ("value read", "table gradient")]]:
@@ -141,6 +150,10 @@ def run(quick: bool = False) -> Result:
                    ["The last two rows are differences of the medians above "
                     "(value read = layer forward - retrieval; table gradient = "
                     "fwd+bwd - fwd+bwd without table)."])
+  return measured
+
+
+def _step_table(cfgs: dict, times: dict, derived: dict, scales) -> Table:
   step = times["train step"]
   share = []
   for s in scales:
@@ -164,6 +177,15 @@ def run(quick: bool = False) -> Result:
        "layer's table gradient times the memory layers; what is left is the "
        "rest of the step (retrieval over more keys, the table's Tucker "
        "refresh and usage stamps)."])
+  return per_step
+
+
+def run(quick: bool = False) -> Result:
+  scales = QUICK_SCALES if quick else SCALES
+  cfgs, times = _measure(scales, quick)
+  derived = _derived(times, scales)
+  measured = _program_table(times, derived, scales)
+  per_step = _step_table(cfgs, times, derived, scales)
   setup = [f"config `{CONFIG}`" + (f" with `--quick` overrides {' '.join(QUICK)}"
                                    if quick else ""),
            f"scales {', '.join(f'{s}x' for s in scales)} (keys per side "

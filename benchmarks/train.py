@@ -58,7 +58,8 @@ def _config(path: str, quick: bool):
   return load_config(path, [f"model.vocab_size={resolved_vocab(cfg)}"])
 
 
-def _batch(cfg, seed: int) -> dict:
+def random_batch(cfg, seed: int) -> dict:
+  """Random next-token inputs and targets of the config's batch shape."""
   rng = np.random.default_rng(seed)
   shape = (cfg.data.batch_size, cfg.data.seq_len)
   vocab = resolved_vocab(cfg)
@@ -69,7 +70,7 @@ def _batch(cfg, seed: int) -> dict:
 def _compiled_step(cfg):
   """(step closure, compile seconds, XLA's memory bytes, parameters)."""
   graphdef, state = create_state(cfg)
-  batch = _batch(cfg, cfg.train.seed)
+  batch = random_batch(cfg, cfg.train.seed)
   t0 = time.perf_counter()
   compiled = make_train_step(graphdef).lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
@@ -85,10 +86,8 @@ def _compiled_step(cfg):
   return step, compile_s, nbytes, param_count(state)
 
 
-def run(quick: bool = False) -> Result:
-  names = QUICK_VARIANTS if quick else [n for n, _ in VARIANTS]
-  paths = dict(VARIANTS)
-  cfgs = {n: _config(paths[n], quick) for n in names}
+def _measure(names, cfgs: dict, quick: bool) -> tuple[dict, dict]:
+  """(interleaved timings, (compile s, memory bytes, params) per variant)."""
   steps, info = {}, {}
   with use_mesh(single_device_mesh()):
     for n in tqdm(names, desc="train: compile", leave=False):
@@ -96,6 +95,14 @@ def run(quick: bool = False) -> Result:
     t = interleave(steps, rounds=1 if quick else 12, min_rounds=1 if quick else 5,
                    budget_s=None if quick else 45.0, desc="train steps",
                    progress=not quick)
+  return t, info
+
+
+def run(quick: bool = False) -> Result:
+  names = QUICK_VARIANTS if quick else [n for n, _ in VARIANTS]
+  paths = dict(VARIANTS)
+  cfgs = {n: _config(paths[n], quick) for n in names}
+  t, info = _measure(names, cfgs, quick)
   base = t[BASELINE]
   rows, data = [], {}
   for n in names:
