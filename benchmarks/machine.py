@@ -49,6 +49,15 @@ def accelerator() -> str | None:
   return device.device_kind if device.platform in ACCELERATORS else None
 
 
+def load() -> str:
+  """The 1-minute load average now, against the cores: how busy the
+  machine was (other work slows absolute figures down)."""
+  try:
+    return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+  except OSError:
+    return "load average unknown"
+
+
 def machine_kind() -> str:
   """The subsection key: ``cpu: <model>`` or ``<platform>: <device kind>``."""
   device = jax.devices()[0]
@@ -67,5 +76,5 @@ def describe() -> dict[str, str]:
     host += f"; accelerator {acc} x {jax.device_count()}"
   else:
     host += "; no accelerator"
-  return {"machine": host, "jax": f"JAX {jax.__version__}",
+  return {"machine": host, "jax": f"JAX {jax.__version__}", "load": load(),
           "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat()}

@@ -58,7 +58,8 @@ class Result:
     lines = [f"- Command: `{command}`",
              f"- Machine: {machine['machine']}",
              f"- {machine['jax']}; {machine['date']}; the benchmark took "
-             f"{wall_s:,.0f} s"]
+             f"{wall_s:,.0f} s; {machine.get('load', 'load average unknown')} "
+             "when the run started"]
     lines += [f"- {s}" for s in self.setup]
     if self.skipped:
       lines += ["", f"**Skipped: {self.skipped}**"]
