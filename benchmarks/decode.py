@@ -141,7 +141,9 @@ def _measure(quick: bool) -> dict:
   for dtype in tqdm(QUICK_DTYPES if quick else DTYPES, desc="decode dtypes",
                     leave=False):
     cfgs = [model_config(path, dtype, context, quick) for _, path in MODELS]
-    ok, why = _fits(0 if built else sum(_param_bytes(c) for c in cfgs), 1.05)
+    # Both models' parameters, unless built already (for the other dtype).
+    ok, why = _fits(sum(_param_bytes(c) for (n, _), c in zip(MODELS, cfgs)
+                        if n not in built), 1.05)
     if not ok:
       out["cells"] += [{"dtype": dtype, "batch": b, "skipped": why,
                         "bytes": {n: step_bytes(c, [b])[0]
@@ -186,21 +188,22 @@ def _tables(out: dict) -> list[Table]:
     label = [c["dtype"], str(c["batch"])]
     by = c["bytes"]
     kv = by[a]["kv_cache_bytes"]
+    limit = c.get("limit")
+    brow = [mb(by[a]["param_bytes"]), mb(by[b]["param_bytes"]), mb(kv),
+            f"{limit / 1e9:.1f}" if limit else ""]
     if "skipped" in c:
       times.append(label + [f"skipped: {c['skipped']}"] + [""] * 6)
+      bytes_.append(label + brow + [""] * 4)
       continue
     t = c["timing"]
     row = []
     for name in (a, b):
       row += [ms(t[name].median), pct(t[name].spread), f"{t[name].first_s:.1f}"]
-    times.append(label + row[:3] + row[3:] + [
-        f"{t[a].median / t[b].median:.2f}x"])
-    brow = [mb(by[a]["param_bytes"]), mb(by[b]["param_bytes"]), mb(kv),
-            f"{c['limit'] / 1e9:.1f}"]
+    times.append(label + row + [f"{t[a].median / t[b].median:.2f}x"])
     for name in (a, b):
       total = by[name]["param_bytes"] + kv
       brow += [f"{total / t[name].median / 1e9:.1f}",
-               f"{t[name].median / (total / c['limit']):.1f}x"]
+               f"{t[name].median / (total / limit):.1f}x"]
     bytes_.append(label + brow)
   time_table = Table(
       "Time per decode step",
