@@ -221,7 +221,10 @@ def _tables(out: dict) -> list[Table]:
                "ratio"],
       ["MB are 10^6 bytes, GB 10^9, by `inspect`'s formulas; \"x of limit\" = time / "
        "((param + cache bytes) / limit); the limit is the dense matmul's rate "
-       "at this batch and dtype."])
+       "at this batch and dtype. Below 1x the step beat the plain matmul: "
+       "a CPU without native bfloat16 dots emulates the matmul's, so compare "
+       "float32 there; at large batches the matmul is bound by compute, not "
+       "by bytes."])
   lim_rows = [["copy (a * 2 over a large float32 array, read + write)",
                f"{out['copy_bytes_per_s'] / 1e9:.1f}"]]
   for (dtype, batch), rate in sorted(out["limits"].items()):
