@@ -159,7 +159,11 @@ def _program_table(times: dict, derived: dict, scales) -> Table:
                    ["absolute"] * len(scales) + ["ratio"] * (len(scales) - 1),
                    ["The last two rows are differences of the medians above "
                     "(value read = layer forward - retrieval; table gradient = "
-                    "fwd+bwd - fwd+bwd without table)."])
+                    "fwd+bwd - fwd+bwd without table). A negative one means "
+                    "the parts do not add up: XLA compiles a part alone "
+                    "differently from the whole (retrieval alone ran slower "
+                    "than the whole layer on the 2-core CPU), so there read the "
+                    "measured rows."])
   return measured
 
 
