@@ -244,4 +244,5 @@ def run(quick: bool = False) -> Result:
            f"{context} cached tokens; batches {', '.join(str(c) for c in (QUICK_BATCHES if quick else BATCHES))}; "
            f"dtypes {', '.join(QUICK_DTYPES if quick else DTYPES)} "
            "(`model.dtype`; parameters float32)"]
+  out["nothing_measured"] = not any("timing" in c for c in out["cells"])
   return Result("decode", DESCRIPTION, setup, _tables(out), data=out)

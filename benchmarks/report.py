@@ -53,6 +53,12 @@ class Result:
   skipped: str | None = None
   data: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+  @property
+  def measured(self) -> bool:
+    """False when nothing was measured (skipped, or every case skipped:
+    ``data["nothing_measured"]``)."""
+    return not self.skipped and not self.data.get("nothing_measured")
+
   def body(self, command: str, machine: dict[str, str], wall_s: float) -> str:
     """The subsection's text below its heading."""
     lines = [f"- Command: `{command}`",

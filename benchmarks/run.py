@@ -6,7 +6,8 @@ date.
 
 ``--quick`` runs tiny shapes and a step or two (the tests use it); its
 figures mean nothing, so it writes BENCHMARKS.md only when ``--out`` names
-a file. ``--no-write`` only prints.
+a file. ``--no-write`` only prints. A run that measured nothing (every case
+skipped, e.g. for memory) leaves an existing subsection as it was.
 """
 
 from __future__ import annotations
@@ -71,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
   for name in tqdm(a.names, desc="benchmarks", disable=len(a.names) < 2):
     result, wall = run_one(name, a.quick)
     tqdm.write(result.printed() + "\n")
-    if a.out is not None:
+    if a.out is not None and not result.measured and a.out.exists() and \
+        sections.has_subsection(a.out.read_text(), name, kind):
+      tqdm.write(f"section '{name}' ({kind}) of {a.out} left as it was: this "
+                 "run measured nothing to replace it with")
+    elif a.out is not None:
       sections.update_file(a.out, name, result.description, kind,
                            result.body(command(argv), info, wall))
       tqdm.write(f"wrote section '{name}' ({kind}) of {a.out}")

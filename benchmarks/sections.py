@@ -105,6 +105,15 @@ def rewrite_section(text: str, name: str, preamble: str, kind: str,
   return "".join(line for block in [head, *rest] for line in block)
 
 
+def has_subsection(text: str, name: str, kind: str) -> bool:
+  """Whether section ``## name`` of `text` has a ``### kind`` subsection."""
+  for block in _blocks(text.splitlines(keepends=True), "## ")[1:]:
+    if _heading(block, "## ") == name:
+      return any(_heading(s, "### ") == kind
+                 for s in _blocks(block[1:], "### ")[1:])
+  return False
+
+
 def write_atomic(path: pathlib.Path, text: str) -> None:
   """Writes `text` to a temporary file in `path`'s folder, then renames it
   over `path`; on any failure the temporary file is removed and `path` is

@@ -121,6 +121,15 @@ def test_run_writes_only_the_named_sections(tmp_path):
     run.parse_args(["--only", "train,nope"])
   assert run.parse_args([]).names == list(BENCHMARKS)
   assert run.parse_args(["--quick"]).out is None
+  # A run that measured nothing (kernels on a CPU) keeps what is there.
+  if not jax.devices()[0].platform == "cpu":
+    return
+  kept = text.replace("no accelerator (JAX runs on CPU)", "kept figures")
+  out.write_text(kept)
+  assert run.main(["--quick", "--only", "kernels", "--out", str(out)]) == 0
+  assert out.read_text() == kept
+  assert sections.has_subsection(kept, "kernels", run.machine.machine_kind())
+  assert not sections.has_subsection(kept, "other", run.machine.machine_kind())
 
 
 # ------------------------------------------------------- section rewriting
