@@ -37,7 +37,8 @@ Achieved bandwidth is bytes / (median pallas time), with bytes (N tokens,
 The percentage is of the device's peak memory bandwidth (``PEAK_BANDWIDTH``,
 matched on ``jax.devices()[0].device_kind``; unknown devices get none).
 Results are printed as markdown tables and written to ``BENCHMARKS.md`` under
-``## Pallas kernels``, one ``###`` subsection per device kind and mode,
+``## kernels`` (the section ``python -m benchmarks.run`` writes too), one
+``###`` subsection per device kind and mode,
 replacing an earlier one for the same pair (``--out`` another file,
 ``--no-write`` none). On a CPU the kernels only run with ``--interpret`` and
 tiny shapes, to check this script; those timings are not kernel performance.
@@ -69,7 +70,7 @@ from pallas_kernels.value_read import value_read
 HC = 2          # cores per value row (column chunks of Dv)
 RANKS = 2       # r: ranks of the product-key scores
 KEY_DIM = 128   # Dk
-PALLAS_HEADING = "## Pallas kernels"
+PALLAS_HEADING = "## kernels"
 HEADING_RE = re.compile(r"^### (?P<kind>.+) \((?P<mode>compiled|interpret)\) - "
                         r"\d{4}-\d{2}-\d{2}\s*$")
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32",
@@ -264,7 +265,7 @@ def section(a, kind: str, mode: str, peak: float | None, peak_label: str,
 
 
 def update_markdown(path: Path, text: str, kind: str, mode: str) -> None:
-  """Puts `text` under ``## Pallas kernels`` of `path`, replacing an earlier
+  """Puts `text` under ``## kernels`` of `path`, replacing an earlier
   subsection for the same device kind and mode; everything else is kept."""
   lines = path.read_text().splitlines() if path.exists() else ["# Benchmarks"]
   new = text.rstrip("\n").splitlines()

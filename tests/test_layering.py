@@ -1,8 +1,8 @@
 """The package's layers hold: no module imports a higher layer, and no
 modules import each other in a cycle.
 
-Every module of ``ultramem_jax/`` and ``pallas_kernels/`` and the two
-command lines are parsed (``ast``, nothing is imported); every import
+Every module of ``ultramem_jax/``, ``pallas_kernels/`` and ``benchmarks/``
+and the two command lines are parsed (``ast``, nothing is imported); every import
 counts, at module level, inside functions and under ``if TYPE_CHECKING``.
 Importing ``a.b.c`` also runs the ``__init__`` of the packages ``a`` and
 ``a.b``, so those are edges too, except to the importer's own packages
@@ -30,6 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("ultramem_jax.training.*",),
     ("ultramem_jax.evaluation.*", "ultramem_jax.inspect", "ultramem_jax.sweep.*"),
     ("train", "eval"),
+    ("benchmarks.*",),
 )
 
 
@@ -170,7 +171,7 @@ def problems(sources: dict[str, str], packages: set[str], layers=LAYERS
 
 def project_sources() -> tuple[dict[str, str], set[str]]:
   files = [REPO / "train.py", REPO / "eval.py"]
-  for pkg in ("ultramem_jax", "pallas_kernels"):
+  for pkg in ("ultramem_jax", "pallas_kernels", "benchmarks"):
     files += sorted((REPO / pkg).rglob("*.py"))
   sources, packages = {}, set()
   for path in files:
@@ -185,6 +186,7 @@ def project_sources() -> tuple[dict[str, str], set[str]]:
 def test_no_upward_import_no_cycle_and_every_module_placed():
   sources, packages = project_sources()
   assert "ultramem_jax.training.trainer" in sources and "train" in sources
+  assert "benchmarks.run" in sources and "benchmarks.decode" in sources
   found = problems(sources, packages)
   assert not found, "\n".join(found)
 
