@@ -2,10 +2,12 @@
 killed midway (SIGKILL of the sweep and of its running trainings) and run
 again finishes only the missing points, leaving the finished points' files
 byte for byte; a Ray sweep of 2 of the points on a local 2-CPU cluster gives
-the same losses, bit for bit, and runs eval.py loss after training."""
+the same losses, bit for bit, and runs eval.py loss after training, while a
+third point that fails is retried and reported without stopping them."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -18,6 +20,10 @@ import pytest
 import yaml
 
 from ultramem_jax.sweep.__main__ import main
+from ultramem_jax.sweep.execute import job_of
+from ultramem_jax.sweep.points import resolve
+from ultramem_jax.sweep.ray_backend import run_ray
+from ultramem_jax.sweep.spec import read_sweep
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMALL = {"model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2,
@@ -144,11 +150,20 @@ def test_ray_sweep_gives_the_local_losses(killed_and_resumed, text_dir, capsys):
   chosen = [names[0], names[-1]]
   path = sweep_file(root / "ray.yaml", text_dir, root / "ray", evals=["loss"],
                     resources={"num_cpus": 1}, retries=1)
-  proc = subprocess.run(sweep_cmd(path, "--backend", "ray", "--num_cpus", "2",
-                                  "--only", ",".join(chosen)),
-                        cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stdout + proc.stderr
-  assert "2 run, 0 done before, 0 failed" in proc.stdout
+  sweep = read_sweep(path)
+  jobs = [job_of(p, sweep) for p in resolve(sweep) if p.name in chosen]
+  # A third point whose train.py fails (its config file is missing): Ray
+  # retries it once, and the others finish regardless.
+  broken = dataclasses.replace(
+      jobs[0], name="broken", run_dir=str(root / "ray" / "broken"),
+      train=("--config", str(root / "missing.yaml")))
+  outcome = run_ray(jobs + [broken], sweep.resources, sweep.retries,
+                    num_cpus=2, progress=False, say=print)
+  assert outcome == {chosen[0]: "done", chosen[1]: "done",
+                     "broken": outcome["broken"]}
+  assert "broken: train.py exited with status 2" in outcome["broken"]
+  record = json.loads((root / "ray" / "broken" / "sweep" / "status.json").read_text())
+  assert record["state"] == "failed" and record["attempt"] == 2
   for name in chosen:   # the same names: evals do not change a point's name
     local, ray = root / "out" / name, root / "ray" / name
     assert train_losses(ray) == train_losses(local)
@@ -158,6 +173,7 @@ def test_ray_sweep_gives_the_local_losses(killed_and_resumed, text_dir, capsys):
     result = json.loads((ray / "eval" / "loss_step4.json").read_text())
     assert result["val_loss"] == pytest.approx(s_ray["val_loss"], rel=1e-6)
   # The report of the Ray sweep: the two points with numbers, the rest pending.
+  capsys.readouterr()
   assert main(["report", str(path)]) == 0
   md = capsys.readouterr().out
   for name in names:

@@ -79,9 +79,10 @@ def test_point_names_and_run_dirs(variants_file, tmp_path):
   assert [p.name for p in points] == want
   assert len(set(want)) == 8
   assert [p.group for p in points[:2]] == ["dense-lr0.001"] * 2
+  sweep = read_sweep(variants_file)
   for p in points:
     assert p.run_dir == tmp_path / "out" / p.name
-    assert p.overrides[-1] == f"train.run_dir={tmp_path / 'out' / p.name}"
+    assert job_of(p, sweep).train[-1] == f"train.run_dir={tmp_path / 'out' / p.name}"
   assert points[5].cfg.optimizer.lr == 0.001 and points[5].cfg.train.seed == 1
   assert points[5].cfg.model.ffn.kind == "moe"
 
@@ -147,12 +148,17 @@ def test_print_backend_one_command_per_point(variants_file):
   sweep = read_sweep(variants_file)
   points = P.resolve(sweep)
   lines = print_lines([job_of(p, sweep) for p in points[:2]],
-                      "gcloud ssh --worker=all --command {quoted} # {index} {name}")
+                      "gcloud ssh --worker=all --command {quoted} # {index} {name}",
+                      repo="/home/me/ultramem-jax")
   assert len(lines) == 2
   assert lines[1].endswith(f"# 1 {points[1].name}")
-  assert f"train.py --config {DENSE}" in lines[0]
-  assert f"train.run_dir={points[0].run_dir}" in lines[0]
-  assert lines[0].startswith("gcloud ssh --worker=all --command 'cd ")
+  # Configs inside the checkout are relative to it; the run dirs lie outside.
+  assert lines[0].startswith("gcloud ssh --worker=all --command 'cd "
+                             "/home/me/ultramem-jax && python train.py --config "
+                             "configs/tiny_dense.yaml model.d_model=32 ")
+  assert f"optimizer.lr=0.001 train.seed=0 train.run_dir={points[0].run_dir}'" in lines[0]
+  plain = print_lines([job_of(points[0], sweep)])[0]
+  assert plain.count(" && ") == 1 and plain.startswith(f"cd {REPO} && python train.py")
 
 
 # ------------------------------------------------------------------- report

@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
                       "{run_dir}, {index}, {command}, {quoted}")
   p.add_argument("--python", default="python",
                  help="print: the python of the commands (default: python)")
+  p.add_argument("--repo", default=None,
+                 help="print: the checkout's path where the commands run "
+                      "(default: this one)")
   p.add_argument("--only", default=None,
                  help="comma-separated point names to run (default: all)")
   p.add_argument("--no_progress", action="store_true", help="no progress bars")
@@ -106,7 +109,8 @@ def _run(args, parser) -> int:
     todo = [j for j in jobs if job_state(j) != "done"]
     if len(todo) < len(jobs):
       print(f"# {len(jobs) - len(todo)} point(s) done, not printed", file=sys.stderr)
-    for line in print_backend.print_lines(todo, args.template, args.python):
+    for line in print_backend.print_lines(todo, args.template, args.python,
+                                         args.repo):
       print(line)
     return 0
   print(f"sweep {sweep.name}: {len(jobs)} points in {sweep.sweep_dir} "

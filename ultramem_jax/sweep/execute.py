@@ -25,7 +25,7 @@ import threading
 import time
 
 from ultramem_jax.sweep import state
-from ultramem_jax.sweep.points import Point
+from ultramem_jax.sweep.points import Point, override_text
 from ultramem_jax.sweep.spec import Sweep
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -61,29 +61,44 @@ class Job:
   env: tuple[tuple[str, str], ...] = ()
   repo: str = str(REPO)
 
+  @property
+  def root(self) -> pathlib.Path:
+    """The run directory (`run_dir` is relative to `repo` when inside it)."""
+    return pathlib.Path(self.repo) / self.run_dir
+
+  # Both run in `repo` (the scripts and relative paths are relative to it).
   def train_argv(self, python: str = sys.executable) -> list[str]:
-    return [python, str(pathlib.Path(self.repo) / "train.py"), *self.train]
+    return [python, "train.py", *self.train]
 
   def eval_argvs(self, python: str = sys.executable) -> list[list[str]]:
-    return [[python, str(pathlib.Path(self.repo) / "eval.py"), *args]
-            for _, args in self.evals]
+    return [[python, "eval.py", *args] for _, args in self.evals]
+
+
+def portable(path: pathlib.Path, repo: pathlib.Path = REPO) -> str:
+  """`path` relative to the checkout when it lies inside it (the points'
+  processes run there, on whichever machine), else as it is."""
+  try:
+    return str(path.relative_to(repo))
+  except ValueError:
+    return str(path)
 
 
 def job_of(point: Point, sweep: Sweep, env: dict[str, str] | None = None) -> Job:
-  """The point's job: train.py with the sweep's train_args and the point's
-  overrides, then its evals on the final step."""
-  train = ("--config", str(point.config), *sweep.train_args, *point.overrides)
-  evals = tuple((e.output(point.steps),
-                 (e.kind, "--run_dir", str(point.run_dir), *e.args))
+  """The point's job: train.py with the sweep's train_args, the point's
+  overrides and its run directory, then its evals on the final step."""
+  run_dir = portable(point.run_dir)
+  train = ("--config", portable(point.config), *sweep.train_args,
+           *point.overrides, override_text("train.run_dir", run_dir))
+  evals = tuple((e.output(point.steps), (e.kind, "--run_dir", run_dir, *e.args))
                 for e in sweep.evals)
   merged = {**sweep.env, **(env or {})}
-  return Job(point.name, str(point.run_dir), point.steps, train, evals,
+  return Job(point.name, run_dir, point.steps, train, evals,
              tuple(sorted(merged.items())))
 
 
 def job_state(job: Job) -> str:
   """The point's state (``state.point_state``)."""
-  return state.point_state(pathlib.Path(job.run_dir), job.steps,
+  return state.point_state(job.root, job.steps,
                            [o for o, _ in job.evals])
 
 
@@ -128,7 +143,7 @@ def _fail(job: Job, attempt: int, stage: str, rc: int, last: str) -> None:
          "exited with status 0 before the end (stopped by a signal?)")
   message = f"{job.name}: {stage} {why}" + (f": {last}" if last else "")
   stopped = STOPPING.is_set()
-  state.write_record(pathlib.Path(job.run_dir),
+  state.write_record(job.root,
                      state="interrupted" if stopped else "failed", attempt=attempt,
                      stage=stage, exit_status=rc, message=message,
                      host=socket.gethostname(), pid=os.getpid())
@@ -138,7 +153,7 @@ def _fail(job: Job, attempt: int, stage: str, rc: int, last: str) -> None:
 def run_job(job: Job) -> dict:
   """Runs what the point still lacks; {"name", "state": "skipped" | "done",
   "wall_time_sec"}. Raises PointFailed (after recording it)."""
-  run_dir = pathlib.Path(job.run_dir)
+  run_dir = job.root
   outputs = [o for o, _ in job.evals]
   if state.trained(run_dir, job.steps) and not state.missing_evals(run_dir, outputs):
     return {"name": job.name, "state": "skipped", "wall_time_sec": 0.0}

@@ -59,7 +59,7 @@ def last_step(run_dir: pathlib.Path) -> int:
 
 def describe_end(job: Job, result: dict) -> str:
   """One line for a point that ended: its state, time and final loss."""
-  s = state.summary(pathlib.Path(job.run_dir)) or {}
+  s = state.summary(job.root) or {}
   loss = s.get("val_loss")
   tail = f", validation loss {loss:.4f}" if isinstance(loss, float) else ""
   return f"{job.name}: {result['state']} in {result['wall_time_sec']:.1f} s{tail}"
@@ -117,7 +117,7 @@ def run_local(jobs: list[Job], parallel: int = 1, progress: bool = True,
                                       position=len(bars) + 1, leave=False,
                                       dynamic_ncols=True)
         if bar is not None:
-          bar.n = last_step(pathlib.Path(job.run_dir))
+          bar.n = last_step(job.root)
           bar.refresh()
   except SweepStopped as e:
     # A SIGINT from the terminal reached the trainings too (one process

@@ -11,6 +11,7 @@ import pathlib
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter
 
 from ultramem_jax.training.metrics import read_scalars
 from ultramem_jax.training.run_dir import METRICS_FILE
@@ -84,6 +85,9 @@ def plot_scaling(path: pathlib.Path, stats: list[dict], xkey: str, xlabel: str,
               label=f"{variant}: {a:.3g} x^{b:.3f}")
   ax.set_xscale("log")
   ax.set_yscale("log")
+  # Losses span less than a decade: plain numbers, not powers of ten.
+  ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
+  ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
   ax.set_xlabel(xlabel)
   ax.set_ylabel("final validation loss (nats/token)")
   ax.grid(alpha=0.3, which="both")

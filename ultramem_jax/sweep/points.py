@@ -51,7 +51,7 @@ class Point:
     settings: (key, value) of the axes that vary, besides config, variant
       and seed, in axis order.
     config: the base config file.
-    overrides: train.py's dotted overrides (the run directory included).
+    overrides: train.py's dotted overrides, but for train.run_dir.
     cfg: the validated config (what train.py will run).
   """
 
@@ -177,7 +177,6 @@ def _point(sweep: Sweep, index: int, values: dict[str, Any]) -> Point:
                       ) from None
   name = point_name(variant, settings, cfg.train.seed, config_hash(cfg))
   run_dir = sweep.sweep_dir / name
-  overrides.append(override_text("train.run_dir", str(run_dir)))
   cfg = dataclasses.replace(cfg, train=dataclasses.replace(
       cfg.train, run_dir=str(run_dir)))
   return Point(name=name, variant=variant, seed=cfg.train.seed,

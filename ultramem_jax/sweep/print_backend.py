@@ -11,11 +11,14 @@ word), for example::
     --template "gcloud compute tpus tpu-vm ssh my-tpu --zone us-east5-a \\
         --worker=all --command {quoted}"
 
-The python of the commands is ``--python`` (default ``python``).
+The python of the commands is ``--python`` (default ``python``), the
+checkout they run in ``--repo`` (default: this one). Paths inside the
+checkout (configs, a sweep_dir under it) are written relative to it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 
 from ultramem_jax.sweep.execute import Job
@@ -44,10 +47,13 @@ def check_template(template: str) -> None:
 
 
 def print_lines(jobs: list[Job], template: str | None = None,
-                python: str = "python") -> list[str]:
-  """One line per job (the template filled in, if given)."""
+                python: str = "python", repo: str | None = None) -> list[str]:
+  """One line per job (the template filled in, if given); `repo` is the
+  checkout's path where the lines run (default: this one)."""
   out = []
   for i, job in enumerate(jobs):
+    if repo:
+      job = dataclasses.replace(job, repo=repo)
     line = shell_line(job, python)
     if template:
       line = template.format(name=job.name, run_dir=job.run_dir, index=i,
