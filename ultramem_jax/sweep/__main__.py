@@ -115,16 +115,16 @@ def _run(args, parser) -> int:
     return 0
   print(f"sweep {sweep.name}: {len(jobs)} points in {sweep.sweep_dir} "
         f"({args.backend})", flush=True)
-  if args.backend == "ray":
-    outcome = run_ray(jobs, sweep.resources, sweep.retries, args.address,
-                      args.num_cpus, progress=not args.no_progress)
-  else:
-    try:
+  try:
+    if args.backend == "ray":
+      outcome = run_ray(jobs, sweep.resources, sweep.retries, args.address,
+                        args.num_cpus, progress=not args.no_progress)
+    else:
       outcome = run_local(jobs, args.parallel, progress=not args.no_progress)
-    except SweepStopped as e:
-      print(f"sweep stopped by {e}; run the same command to resume",
-            file=sys.stderr)
-      return 128 + e.signum
+  except SweepStopped as e:
+    print(f"sweep stopped by {e}; run the same command to resume",
+          file=sys.stderr)
+    return 128 + e.signum
   failed = {n: m for n, m in outcome.items() if m not in ("done", "skipped")}
   done = sum(m == "done" for m in outcome.values())
   skipped = sum(m == "skipped" for m in outcome.values())

@@ -7,13 +7,16 @@ skipped without touching a file. Otherwise its training runs with the same
 command as the first time: train.py resumes from the run directory's latest
 checkpoint (or starts, if there is none; a stale ``train.lock`` left by a
 killed training is taken over), and only the evaluations still missing run.
-Each process's output is appended to ``<run_dir>/sweep/<train|eval_KIND>.log``
+A point's processes get SIGTERM when the process that started them dies
+(Linux), and a rerun first waits for an earlier attempt's training to let
+go of the run directory. Each process's output is appended to ``<run_dir>/sweep/<train|eval_KIND>.log``
 and the point's record (``sweep/status.json``, see ``state.py``) says
 running, done or failed with the exit status.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import pathlib
@@ -29,6 +32,14 @@ from ultramem_jax.sweep.points import Point, override_text
 from ultramem_jax.sweep.spec import Sweep
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+# How long a point waits for the training of an earlier attempt (a killed
+# Ray worker's, still saving its checkpoint) to let go of train.lock.
+LOCK_WAIT_SEC = 300.0
+try:  # Linux: a point's process gets SIGTERM when the process that started it dies
+  _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+  _PRCTL = None
+_PR_SET_PDEATHSIG = 1
 _CHILDREN: set[subprocess.Popen] = set()
 _LOCK = threading.Lock()
 # Set once the sweep is stopping: a point that ends early then is recorded
@@ -113,6 +124,26 @@ def stop_children(sig: int = signal.SIGTERM) -> None:
       child.send_signal(sig)
 
 
+def _die_with_parent() -> None:
+  """In the child before exec: SIGTERM when the parent dies (a SIGKILLed
+  sweep or Ray worker), so the training saves a checkpoint and stops
+  instead of running on, holding its run directory's lock."""
+  if _PRCTL is not None:
+    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def wait_for_lock(run_dir: pathlib.Path, timeout: float = LOCK_WAIT_SEC) -> None:
+  """Waits (up to `timeout`) while ``train.lock`` names a live process on
+  this host: an earlier attempt's training, finishing its checkpoint."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    owner = state.read_json(run_dir / "train.lock")
+    if (owner is None or owner.get("host") != socket.gethostname()
+        or not isinstance(owner.get("pid"), int) or not state.alive(owner["pid"])):
+      return
+    time.sleep(1.0)
+
+
 def _run(argv: list[str], log_path: pathlib.Path, env: dict[str, str],
          cwd: str, attempt: int) -> tuple[int, str]:
   """Runs `argv` with its output appended to `log_path`; (exit status,
@@ -124,7 +155,8 @@ def _run(argv: list[str], log_path: pathlib.Path, env: dict[str, str],
               f"{' '.join(argv)}\n")
     log.flush()
     child = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log,
-                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             preexec_fn=_die_with_parent)
     with _LOCK:
       _CHILDREN.add(child)
     try:
@@ -165,6 +197,7 @@ def run_job(job: Job) -> dict:
   env = {**os.environ, "PYTHONUNBUFFERED": "1", **dict(job.env)}
   logs = run_dir / state.RECORD_DIR
   if not state.trained(run_dir, job.steps):
+    wait_for_lock(run_dir)
     rc, last = _run(job.train_argv(), logs / "train.log", env, job.repo, attempt)
     if rc != 0 or not state.trained(run_dir, job.steps):
       _fail(job, attempt, "train.py", rc, last)

@@ -7,8 +7,8 @@ bar per running point (its step, from its metrics.jsonl), and one line per
 point as it ends. A failed point is reported and the others go on.
 SIGTERM to the sweep is passed on to the running trainings, which save a
 checkpoint and exit (Ctrl-C reaches them directly: they share the
-terminal's process group); the same command resumes them. SIGKILL leaves
-the current training running on its own.
+terminal's process group); the same command resumes them. A SIGKILLed
+sweep's trainings get SIGTERM from the kernel (``execute.py``).
 """
 
 from __future__ import annotations
@@ -65,7 +65,20 @@ def describe_end(job: Job, result: dict) -> str:
   return f"{job.name}: {result['state']} in {result['wall_time_sec']:.1f} s{tail}"
 
 
-def _raise_stop(signum, frame):
+def _update_bars(bars: dict[str, tqdm], running: list[Job]) -> None:
+  """One bar per running point, at the step its metrics.jsonl has reached."""
+  for job in running:
+    bar = bars.get(job.name)
+    if bar is None:
+      bar = bars[job.name] = tqdm(total=job.steps, desc=job.name, unit="step",
+                                  position=len(bars) + 1, leave=False,
+                                  dynamic_ncols=True)
+    bar.n = last_step(job.root)
+    bar.refresh()
+
+
+def raise_stop(signum, frame):
+  """A signal handler: stops the sweep with SweepStopped."""
   raise SweepStopped(signum)
 
 
@@ -86,7 +99,7 @@ def run_local(jobs: list[Job], parallel: int = 1, progress: bool = True,
                  unit="point", position=0, disable=not progress,
                  dynamic_ncols=True)
   bars: dict[str, tqdm] = {}
-  old = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+  old = {s: signal.signal(s, raise_stop) for s in (signal.SIGTERM, signal.SIGINT)}
   pool = cf.ThreadPoolExecutor(max_workers=max(1, parallel))
   try:
     futures = {pool.submit(run_job, job): job for job in todo}
@@ -107,18 +120,8 @@ def run_local(jobs: list[Job], parallel: int = 1, progress: bool = True,
           outcome[job.name] = str(e)
           say(f"FAILED {e}")
         overall.update(1)
-      for future in pending:
-        job = futures[future]
-        if not future.running():
-          continue
-        bar = bars.get(job.name)
-        if bar is None and progress:
-          bar = bars[job.name] = tqdm(total=job.steps, desc=job.name, unit="step",
-                                      position=len(bars) + 1, leave=False,
-                                      dynamic_ncols=True)
-        if bar is not None:
-          bar.n = last_step(job.root)
-          bar.refresh()
+      if progress:
+        _update_bars(bars, [futures[f] for f in pending if f.running()])
   except SweepStopped as e:
     # A SIGINT from the terminal reached the trainings too (one process
     # group); a second signal would make them exit without a checkpoint.

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import time
 from typing import Callable
 
@@ -27,13 +28,18 @@ import ray
 from tqdm import tqdm
 
 from ultramem_jax.sweep.execute import Job, PointFailed, job_state, run_job
-from ultramem_jax.sweep.local import describe_end
+from ultramem_jax.sweep.local import describe_end, raise_stop
 from ultramem_jax.sweep.spec import Resources
 
 # Environment passed from the sweep's process to the points of a local
 # cluster (a remote cluster's workers keep their own, plus the sweep's env).
 FORWARDED_ENV = ("PYTHONPATH", "JAX_PLATFORMS", "XLA_FLAGS")
 OBJECT_STORE_BYTES = 100 * 1024 * 1024
+# Settings of a local cluster, unless the environment sets them: Ray's
+# memory monitor off. It kills workers when the whole machine is short of
+# memory, whoever uses it, and the tasks here hold almost none themselves
+# (the training is a child process; the kernel's OOM killer still guards).
+LOCAL_RAY_ENV = {"RAY_memory_monitor_refresh_ms": "0"}
 
 
 def _task(job: Job) -> dict:
@@ -46,6 +52,8 @@ def start(address: str | None, num_cpus: int | None) -> bool:
   if address:
     ray.init(address=address, log_to_driver=False)
     return False
+  for key, value in LOCAL_RAY_ENV.items():
+    os.environ.setdefault(key, value)
   ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
            object_store_memory=OBJECT_STORE_BYTES, log_to_driver=False)
   return True
@@ -77,6 +85,7 @@ def run_ray(jobs: list[Job], resources: Resources, retries: int,
   if not todo:
     return outcome
   local = start(address, num_cpus)
+  old = signal.signal(signal.SIGTERM, raise_stop)  # so that Ray is shut down
   try:
     forwarded = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ} if local else {}
     remote = ray.remote(_task)
@@ -108,6 +117,7 @@ def run_ray(jobs: list[Job], resources: Resources, retries: int,
         overall.update(1)
     overall.close()
   finally:
+    signal.signal(signal.SIGTERM, old)
     if local:
       ray.shutdown()
   return outcome

@@ -203,9 +203,8 @@ def _check_axes(path, sweep_keys: dict[str, str]) -> None:
     seen[name] = where
 
 
-def read_sweep(path: str | pathlib.Path, sweep_dir: str | None = None) -> Sweep:
-  """Reads and checks a sweep file; `sweep_dir` replaces the file's."""
-  path = pathlib.Path(path)
+def _load(path: pathlib.Path) -> dict:
+  """The file's top-level mapping, its keys checked."""
   if not path.is_file():
     raise ConfigError(f"sweep file {str(path)!r} does not exist")
   try:
@@ -217,19 +216,26 @@ def read_sweep(path: str | pathlib.Path, sweep_dir: str | None = None) -> Sweep:
   for k, v in data.items():
     if k not in _TOP_KEYS:
       _fail(path, k, v, f"unknown key; allowed keys: {', '.join(_TOP_KEYS)}")
-  name = data.get("name", path.stem)
-  if not isinstance(name, str) or not name:
-    _fail(path, "name", name, "expected a non-empty string")
+  return data
+
+
+def _seeds(path, seeds: Any) -> tuple[int, ...] | None:
+  if seeds is None:
+    return None
+  _axis(path, "seeds", seeds)
+  if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+    _fail(path, "seeds", seeds, "expected a list of integers")
+  return tuple(seeds)
+
+
+def _axes(path, data: dict) -> dict[str, Any]:
+  """overrides, grid, zip and seeds, each key set in one place only, and
+  the base config, here or as an axis."""
   overrides = _mapping(path, "overrides", data.get("overrides"))
   grid = {k: _axis(path, f"grid.{k}", v)
           for k, v in _mapping(path, "grid", data.get("grid")).items()}
   groups = _zip_groups(path, data.get("zip"))
-  seeds = data.get("seeds")
-  if seeds is not None:
-    _axis(path, "seeds", seeds)
-    if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-      _fail(path, "seeds", seeds, "expected a list of integers")
-    seeds = tuple(seeds)
+  seeds = _seeds(path, data.get("seeds"))
   places = {f"overrides|{k}": "overrides" for k in overrides}
   places.update({f"grid|{k}": "grid" for k in grid})
   for i, g in enumerate(groups):
@@ -237,25 +243,21 @@ def read_sweep(path: str | pathlib.Path, sweep_dir: str | None = None) -> Sweep:
   if seeds is not None:
     places["seeds|" + SEED_KEY] = "seeds"
   _check_axes(path, places)
-  for where in (overrides,):
-    for bad in (CONFIG_KEY, VARIANT_KEY):
-      if bad in where:
-        _fail(path, f"overrides.{bad}", where[bad],
-              f"`{bad}` is set at the top level or as an axis")
+  for bad in (CONFIG_KEY, VARIANT_KEY):
+    if bad in overrides:
+      _fail(path, f"overrides.{bad}", overrides[bad],
+            f"`{bad}` is set at the top level or as an axis")
   config = data.get("config")
   if config is not None and not isinstance(config, str):
     _fail(path, "config", config, "expected a config file path")
   has_config_axis = CONFIG_KEY in grid or any(CONFIG_KEY in g for g in groups)
   if config is None and not has_config_axis:
     _fail(path, "config", None, "name a base config file, here or as an axis")
-  retries = data.get("retries", 0)
-  if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-    _fail(path, "retries", retries, "expected an integer >= 0")
-  env = _mapping(path, "env", data.get("env"))
-  train_args = data.get("train_args") or []
-  if not isinstance(train_args, list) or not all(isinstance(a, str) for a in train_args):
-    _fail(path, "train_args", train_args, "expected a list of strings")
-  evals = data.get("evals") or []
+  return dict(config=config, overrides=overrides, grid=grid, zip=groups,
+              seeds=seeds)
+
+
+def _evals(path, evals: Any) -> tuple[EvalSpec, ...]:
   if not isinstance(evals, list):
     _fail(path, "evals", evals, "expected a list")
   specs = tuple(_eval_spec(path, i, e) for i, e in enumerate(evals))
@@ -263,12 +265,28 @@ def read_sweep(path: str | pathlib.Path, sweep_dir: str | None = None) -> Sweep:
   if len(set(kinds)) != len(kinds):
     _fail(path, "evals", kinds, "each eval at most once (they write the same "
           "file under RUN/eval)")
+  return specs
+
+
+def read_sweep(path: str | pathlib.Path, sweep_dir: str | None = None) -> Sweep:
+  """Reads and checks a sweep file; `sweep_dir` replaces the file's."""
+  path = pathlib.Path(path)
+  data = _load(path)
+  name = data.get("name", path.stem)
+  if not isinstance(name, str) or not name:
+    _fail(path, "name", name, "expected a non-empty string")
+  retries = data.get("retries", 0)
+  if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+    _fail(path, "retries", retries, "expected an integer >= 0")
+  env = _mapping(path, "env", data.get("env"))
+  train_args = data.get("train_args") or []
+  if not isinstance(train_args, list) or not all(isinstance(a, str) for a in train_args):
+    _fail(path, "train_args", train_args, "expected a list of strings")
   sweep_dir = sweep_dir or data.get("sweep_dir") or f"runs/sweeps/{name}"
   return Sweep(
       path=path, name=name,
       sweep_dir=pathlib.Path(sweep_dir).expanduser().resolve(),
-      config=config, overrides=overrides, grid=grid, zip=groups, seeds=seeds,
-      evals=specs,
+      **_axes(path, data), evals=_evals(path, data.get("evals") or []),
       resources=_resources(path, data.get("resources")), retries=retries,
       env={k: str(v) for k, v in env.items()}, train_args=tuple(train_args))
 

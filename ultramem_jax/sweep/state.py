@@ -65,14 +65,19 @@ def write_record(run_dir: pathlib.Path, **fields) -> None:
   os.replace(tmp, path)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+  """Whether process `pid` exists on this host."""
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
     return False
   except PermissionError:
     return True
-  return True
+  try:  # a killed process its parent has not reaped yet is gone too
+    stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+  except OSError:
+    return True
+  return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
 def point_state(run_dir: pathlib.Path, steps: int, outputs: list[str]) -> str:
@@ -83,7 +88,7 @@ def point_state(run_dir: pathlib.Path, steps: int, outputs: list[str]) -> str:
   rec = record(run_dir)
   if rec is not None and rec.get("state") == "running":
     here = rec.get("host") == socket.gethostname()
-    if not here or (isinstance(rec.get("pid"), int) and _alive(rec["pid"])):
+    if not here or (isinstance(rec.get("pid"), int) and alive(rec["pid"])):
       return "running"
   if rec is not None and rec.get("state") == "failed":
     return "failed"
