@@ -30,7 +30,8 @@ def shell_line(job: Job, python: str = "python") -> str:
   """The point's commands as one shell line."""
   env = " ".join(f"{k}={shlex.quote(v)}" for k, v in job.env)
   prefix = f"{env} " if env else ""
-  parts = [f"cd {shlex.quote(job.repo)}"]
+  home = job.repo.startswith("~/")  # left unquoted, for the remote shell to expand
+  parts = ["cd " + ("~/" + shlex.quote(job.repo[2:]) if home else shlex.quote(job.repo))]
   argvs = [job.train_argv(python)] + job.eval_argvs(python)
   parts += [prefix + shlex.join(a) for a in argvs]
   return " && ".join(parts)
