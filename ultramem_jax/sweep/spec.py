@@ -18,7 +18,7 @@ A sweep file is YAML (``configs/sweeps/*.yaml``)::
     resources: {num_cpus: 1, num_gpus: 0, custom: {TPU: 4}}  # per point (ray)
     retries: 1                         # reruns of a failed point (ray)
     env: {XLA_FLAGS: "..."}            # environment of each point's processes
-    train_args: []                     # extra train.py flags (print backend)
+    train_args: []                     # extra train.py flags (--distributed)
 
 The points are the product of the zip groups and the grid keys, in file
 order, with the seeds innermost (``points.py``). Every problem is a
