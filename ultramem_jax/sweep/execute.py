@@ -171,8 +171,12 @@ def _run(argv: list[str], log_path: pathlib.Path, env: dict[str, str],
 
 
 def _fail(job: Job, attempt: int, stage: str, rc: int, last: str) -> None:
-  why = (f"exited with status {rc}" if rc else
-         "exited with status 0 before the end (stopped by a signal?)")
+  if rc < 0:
+    why = f"was killed by {signal.Signals(-rc).name} (the kernel's OOM killer?)"
+  elif rc:
+    why = f"exited with status {rc}"
+  else:
+    why = "exited with status 0 before the end (stopped by a signal?)"
   message = f"{job.name}: {stage} {why}" + (f": {last}" if last else "")
   stopped = STOPPING.is_set()
   state.write_record(job.root,
