@@ -58,7 +58,9 @@ Bytes per step are `inspect`'s (`ultramem_jax/decode_cost.py`, with
 experts `min(B*k, E)` or value rows `min(B*m, R)`) and the KV cache.
 Effective GB/s is (parameter + cache bytes) / time. The limit is the rate
 XLA reaches on a plain dense matmul [B, 768] x [768, 40960] of the same
-batch and dtype (float32 weights), measured here, with a large copy and a
+batch and dtype (float32 weights, multiplied as the models' own dots do:
+`model/common.weight_dot`, unrounded under bfloat16 compute on the CPU),
+measured here, with a large copy and a
 matrix-vector product for the machine's stream bandwidth; "x of limit" is
 the step's time over (bytes / limit): 1 would be a step that streams its
 bytes as fast as a dense matmul does.

@@ -1,7 +1,9 @@
 """This machine's memory-streaming limits, measured: a large copy, a
 matrix-vector product, and the rate XLA reaches on a plain dense matmul
-[B, d] x [d, f] (float32 weights, the activations and the multiply in the
-compute dtype), the limit a decode step of batch B is held to."""
+[B, d] x [d, f] (float32 weights, the activations in the compute dtype,
+multiplied as the model's own dots multiply them: ``model/common.weight_dot``,
+which on the CPU leaves float32 weights unrounded under bfloat16 compute),
+the limit a decode step of batch B is held to."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.timing import interleave
+from ultramem_jax.model.common import weight_dot
 
 COPY_BYTES = 256 << 20
 MATMUL_D = 768
@@ -22,7 +25,7 @@ def _scale(a):
 
 @jax.jit
 def _dense(x, w):
-  return jnp.dot(x, w.astype(x.dtype), preferred_element_type=x.dtype)
+  return weight_dot(x, w, x.dtype)
 
 
 def copy_rate(nbytes: int = COPY_BYTES, rounds: int = 5) -> float:

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from benchmarks import decode, kernels, peers, table_scaling, train
+from benchmarks import decode, kernels, peers, pod, table_scaling, train
 
 BENCHMARKS: dict[str, ModuleType] = {
     "train": train,
     "decode": decode,
     "table_scaling": table_scaling,
     "peers": peers,
+    "pod": pod,
     "kernels": kernels,
 }

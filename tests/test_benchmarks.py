@@ -13,7 +13,8 @@ import pathlib
 import jax
 import pytest
 
-from benchmarks import decode, kernels, peers, run, sections, table_scaling, train
+from benchmarks import (decode, kernels, peers, pod, run, sections, table_scaling,
+                        train)
 from benchmarks.registry import BENCHMARKS
 from ultramem_jax.inspect import inspect_config
 
@@ -100,6 +101,23 @@ def test_peers_without_torch_times_ours_and_says_how_to_install(monkeypatch):
   assert line in r.body("cmd", {"machine": "m", "jax": "JAX", "date": "d"}, 1.0)
   assert (REPO / "benchmarks/requirements-peers.txt").read_text().split() == [
       "torch>=2.4", "ultra-mem==0.1.2"]
+
+
+def test_pod_quick_compares_layouts_policies_and_mfu():
+  r = pod.run(quick=True)
+  assert [t.title for t in r.tables] == [
+      "Scanned layers (4 blocks)",
+      "Peak memory of the train step by remat policy (scanned, 4 blocks)",
+      "Model FLOPs utilisation of the tiny configs"]
+  scan = r.data["scan"]["UltraMemV2"]
+  assert set(scan["compile_s"]) == {"unrolled", "scanned"}
+  remat = r.data["remat"]
+  none, full = remat[("UltraMemV2", "none")], remat[("UltraMemV2", "full")]
+  # Scanned blocks under full remat keep only each block's input.
+  assert full["xla_peak"] < none["xla_peak"]
+  assert 0.75 <= none["estimate"] / none["xla_peak"] <= 1.25
+  mfu = r.data["mfu"]
+  assert mfu["peak_tflops"] > 0 and 0 < mfu["dense"]["mfu"]
 
 
 def test_kernels_on_cpu_is_skipped_with_a_line():

@@ -48,7 +48,9 @@ from ultramem_jax.model.transformer import build_model  # noqa: E402
 from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh  # noqa: E402
 from ultramem_jax.training.config import load_config  # noqa: E402
 from ultramem_jax.training.step import token_losses  # noqa: E402
-from ultramem_jax.training.trainer import train  # noqa: E402
+
+# The tiny trained run of test_generate (a fixture of its own in this module).
+from test_generate import trained_run  # noqa: E402,F401
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WINDOW = 16
@@ -239,20 +241,6 @@ MC = [("What does the cat see?", ["the dog", "a river", "green stone"], 0),
       ("The old dog likes", ["red fish", "new house", "slowly", "stone"], 2),
       ("A red bird finds", ["a fish", "the stone", "one tree"], 2),
       ("Every cat runs", ["quickly", "under the tree"], 1)]
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, text_dir):
-  run_dir = tmp_path_factory.mktemp("harness") / "run"
-  cfg = load_config(ROOT / "configs/tiny_dense.yaml", [
-      "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
-      "model.ffn.inner_dim=64", "data.bpe_vocab_size=300", "data.seq_len=32",
-      "data.batch_size=8", "data.val_fraction=0.1", "optimizer.warmup_steps=1",
-      "train.steps=3", "train.eval_every=3", "train.checkpoint_every=3",
-      "train.progress_bar=false", f"data.source={text_dir}",
-      f"train.run_dir={run_dir}"])
-  train(cfg, log=lambda s: None)
-  return run_dir
 
 
 def write_task(root: pathlib.Path) -> pathlib.Path:

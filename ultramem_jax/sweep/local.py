@@ -82,11 +82,11 @@ def raise_stop(signum, frame):
   raise SweepStopped(signum)
 
 
-def run_local(jobs: list[Job], parallel: int = 1, progress: bool = True,
-              say: Callable[[str], None] | None = None) -> dict[str, str]:
-  """Runs every job not done yet; {name: "skipped" | "done" | the failure
-  message}. SweepStopped if a signal stopped the sweep."""
-  say = say or tqdm.write
+def skip_done(jobs: list[Job], say: Callable[[str], None]
+              ) -> tuple[dict[str, str], list[Job]]:
+  """({name: "skipped"} of the jobs finished before, the jobs still to
+  run); each skipped one is said. Both backends start with this, so a
+  rerun never touches a finished point."""
   outcome: dict[str, str] = {}
   todo = []
   for job in jobs:
@@ -95,6 +95,15 @@ def run_local(jobs: list[Job], parallel: int = 1, progress: bool = True,
       say(f"{job.name}: done before, skipped")
     else:
       todo.append(job)
+  return outcome, todo
+
+
+def run_local(jobs: list[Job], parallel: int = 1, progress: bool = True,
+              say: Callable[[str], None] | None = None) -> dict[str, str]:
+  """Runs every job not done yet; {name: "skipped" | "done" | the failure
+  message}. SweepStopped if a signal stopped the sweep."""
+  say = say or tqdm.write
+  outcome, todo = skip_done(jobs, say)
   overall = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="sweep",
                  unit="point", position=0, disable=not progress,
                  dynamic_ncols=True)

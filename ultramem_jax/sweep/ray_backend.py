@@ -27,8 +27,8 @@ from typing import Callable
 import ray
 from tqdm import tqdm
 
-from ultramem_jax.sweep.execute import Job, PointFailed, job_state, run_job
-from ultramem_jax.sweep.local import describe_end, raise_stop
+from ultramem_jax.sweep.execute import Job, PointFailed, run_job
+from ultramem_jax.sweep.local import describe_end, raise_stop, skip_done
 from ultramem_jax.sweep.spec import Resources
 
 # Environment passed from the sweep's process to the points of a local
@@ -74,14 +74,7 @@ def run_ray(jobs: list[Job], resources: Resources, retries: int,
   """Runs every job not done yet as a Ray task; {name: "skipped" | "done" |
   the failure message}."""
   say = say or tqdm.write
-  outcome: dict[str, str] = {}
-  todo = []
-  for job in jobs:
-    if job_state(job) == "done":
-      outcome[job.name] = "skipped"
-      say(f"{job.name}: done before, skipped")
-    else:
-      todo.append(job)
+  outcome, todo = skip_done(jobs, say)
   if not todo:
     return outcome
   local = start(address, num_cpus)
