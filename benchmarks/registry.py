@@ -13,6 +13,6 @@ BENCHMARKS: dict[str, ModuleType] = {
     "decode": decode,
     "table_scaling": table_scaling,
     "peers": peers,
-    "pod": pod,
     "kernels": kernels,
+    "pod": pod,
 }
