@@ -206,23 +206,31 @@ def merge(base: dict, update: dict) -> dict:
   return out
 
 
+def yaml_mapping(path: pathlib.Path, what: str) -> dict:
+  """The top-level mapping of the YAML file `path`, or a ConfigError that
+  names it as `what` ("config file", "sweep file") and says what is wrong:
+  a directory, missing, not YAML, or not a mapping."""
+  if path.is_dir():
+    raise ConfigError(f"{what} {str(path)!r} is a directory; expected a "
+                      "YAML file")
+  if not path.is_file():
+    raise ConfigError(f"{what} {str(path)!r} does not exist")
+  try:
+    data = yaml.safe_load(path.read_text()) or {}
+  except yaml.YAMLError as e:
+    raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {e}") from e
+  if not isinstance(data, dict):
+    raise ConfigError(f"{what} {str(path)!r}: expected a mapping at top level")
+  return data
+
+
 def read_yaml(path: str | os.PathLike,
               seen: tuple[pathlib.Path, ...] = ()) -> dict:
   """Reads a config file, following its `base:` chain."""
   path = pathlib.Path(path).resolve()
   if path in seen:
     raise ConfigError(f"base: {path} is included in a cycle")
-  if path.is_dir():
-    raise ConfigError(f"config file {str(path)!r} is a directory; expected a "
-                      "YAML file")
-  if not path.is_file():
-    raise ConfigError(f"config file {str(path)!r} does not exist")
-  try:
-    data = yaml.safe_load(path.read_text()) or {}
-  except yaml.YAMLError as e:
-    raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
-  if not isinstance(data, dict):
-    raise ConfigError(f"config file {str(path)!r}: expected a mapping at top level")
+  data = yaml_mapping(path, "config file")
   base = data.pop("base", None)
   if base is None:
     return data

@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from ultramem_jax.config import ConfigError
+from ultramem_jax.config import ConfigError, yaml_mapping
 from ultramem_jax.evaluation import loss as eval_loss
 from ultramem_jax.evaluation import tasks as eval_tasks
 
@@ -205,14 +205,7 @@ def _check_axes(path, sweep_keys: dict[str, str]) -> None:
 
 def _load(path: pathlib.Path) -> dict:
   """The file's top-level mapping, its keys checked."""
-  if not path.is_file():
-    raise ConfigError(f"sweep file {str(path)!r} does not exist")
-  try:
-    data = yaml.safe_load(path.read_text()) or {}
-  except yaml.YAMLError as e:
-    raise ConfigError(f"sweep file {str(path)!r} is not valid YAML: {e}") from None
-  if not isinstance(data, dict):
-    raise ConfigError(f"sweep file {str(path)!r}: expected a mapping at top level")
+  data = yaml_mapping(path, "sweep file")
   for k, v in data.items():
     if k not in _TOP_KEYS:
       _fail(path, k, v, f"unknown key; allowed keys: {', '.join(_TOP_KEYS)}")
