@@ -6,23 +6,18 @@ of the tiny configs against this machine's measured matmul peak."""
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
 from benchmarks.report import Result, Table
 from benchmarks.timing import interleave, ms, pct
-from benchmarks.train import QUICK, random_batch
-from ultramem_jax.model.abstract import abstract_model, resolved_vocab
+from benchmarks.train import QUICK, compiled_step, resolved_config
+from ultramem_jax.model.abstract import abstract_model
 from ultramem_jax.model.flops import config_flops
 from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh
-from ultramem_jax.training.config import load_config
 from ultramem_jax.training.memory_estimate import (compiled_train_memory,
                                                    estimate_train_memory)
-from ultramem_jax.training.state import create_state
-from ultramem_jax.training.step import make_train_step
 
 PAPER = (("MoE", "configs/paper/moe_227m.yaml"),
          ("UltraMemV2", "configs/paper/ultramem_v2_227m.yaml"))
@@ -54,27 +49,6 @@ peak measured as a float32 2048 x 2048 matmul.
 """
 
 
-def _config(path: str, extra: list[str]):
-  cfg = load_config(path, extra)
-  return load_config(path, extra + [f"model.vocab_size={resolved_vocab(cfg)}"])
-
-
-def _compiled(cfg):
-  """(step closure, compile seconds) of `cfg`'s train step on a real state."""
-  graphdef, state = create_state(cfg)
-  batch = random_batch(cfg, 0)
-  t0 = time.perf_counter()
-  compiled = make_train_step(graphdef).lower(state, batch).compile()
-  compile_s = time.perf_counter() - t0
-  holder = {"state": state}
-
-  def step():
-    holder["state"], metrics = compiled(holder["state"], batch)
-    return metrics
-
-  return step, compile_s
-
-
 def scan_table(quick: bool) -> tuple[Table, dict]:
   rows, data = [], {}
   extra = QUICK + ["model.n_layers=2"] if quick else SHORT
@@ -83,8 +57,8 @@ def scan_table(quick: bool) -> tuple[Table, dict]:
                            desc="pod: scanned layers", leave=False):
       steps, compile_s = {}, {}
       for layout, scan in (("unrolled", "false"), ("scanned", "true")):
-        cfg = _config(path, extra + [f"model.scan_layers={scan}"])
-        steps[layout], compile_s[layout] = _compiled(cfg)
+        cfg = resolved_config(path, extra + [f"model.scan_layers={scan}"])
+        steps[layout], compile_s[layout], *_ = compiled_step(cfg)
       t = interleave(steps, rounds=1 if quick else 6, progress=False)
       u, s = t["unrolled"], t["scanned"]
       data[name] = {"compile_s": compile_s, "step_s": {"unrolled": u.median,
@@ -112,7 +86,7 @@ def remat_table(quick: bool) -> tuple[Table, dict]:
   cases = [(n, p, r) for n, p in (QUICK_PAPER if quick else PAPER)
            for r in (QUICK_POLICIES if quick else POLICIES)]
   for name, path, policy in tqdm(cases, desc="pod: remat", leave=False):
-    cfg = _config(path, extra + [f"model.remat={policy}"])
+    cfg = resolved_config(path, extra + [f"model.remat={policy}"])
     peak = compiled_train_memory(cfg, mesh)["peak"]
     est = estimate_train_memory(cfg, abstract_model(cfg), devices=1).total
     data[(name, policy)] = {"xla_peak": peak, "estimate": est}
@@ -149,8 +123,8 @@ def mfu_table(quick: bool) -> tuple[Table, dict]:
   tiny = QUICK_TINY if quick else TINY
   with use_mesh(single_device_mesh()):
     for name, path in tiny:
-      cfgs[name] = _config(path, QUICK if quick else [])
-      steps[name], _ = _compiled(cfgs[name])
+      cfgs[name] = resolved_config(path, QUICK if quick else [])
+      steps[name], *_ = compiled_step(cfgs[name])
     t = interleave(steps, rounds=1 if quick else 8, progress=False)
   for name, _ in tiny:
     cfg = cfgs[name]

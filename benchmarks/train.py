@@ -49,13 +49,16 @@ temporaries), not the process's resident memory.
 """
 
 
+def resolved_config(path: str, overrides: list[str] = ()):
+  """The config at `path` with `overrides` and the tokenizer's vocabulary
+  size filled in (no tokenizer is trained)."""
+  cfg = load_config(path, list(overrides))
+  return load_config(path, [*overrides, f"model.vocab_size={resolved_vocab(cfg)}"])
+
+
 def _config(path: str, quick: bool):
-  """The config at `path` with the tokenizer's vocabulary size filled in
-  (no tokenizer is trained), or the `--quick` shapes."""
-  if quick:
-    return load_config(path, QUICK)
-  cfg = load_config(path)
-  return load_config(path, [f"model.vocab_size={resolved_vocab(cfg)}"])
+  """The config at `path` resolved, or the `--quick` shapes."""
+  return load_config(path, QUICK) if quick else resolved_config(path)
 
 
 def random_batch(cfg, seed: int) -> dict:
@@ -67,8 +70,9 @@ def random_batch(cfg, seed: int) -> dict:
           "targets": rng.integers(0, vocab, shape).astype(np.int32)}
 
 
-def _compiled_step(cfg):
-  """(step closure, compile seconds, XLA's memory bytes, parameters)."""
+def compiled_step(cfg):
+  """(step closure, compile seconds, XLA's memory bytes, parameters) of
+  `cfg`'s train step on a real state and a random batch."""
   graphdef, state = create_state(cfg)
   batch = random_batch(cfg, cfg.train.seed)
   t0 = time.perf_counter()
@@ -91,7 +95,7 @@ def _measure(names, cfgs: dict, quick: bool) -> tuple[dict, dict]:
   steps, info = {}, {}
   with use_mesh(single_device_mesh()):
     for n in tqdm(names, desc="train: compile", leave=False):
-      steps[n], *info[n] = _compiled_step(cfgs[n])
+      steps[n], *info[n] = compiled_step(cfgs[n])
     t = interleave(steps, rounds=1 if quick else 12, min_rounds=1 if quick else 5,
                    budget_s=None if quick else 45.0, desc="train steps",
                    progress=not quick)
