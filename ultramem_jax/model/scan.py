@@ -107,6 +107,17 @@ def layer_path(container: str, i: int, rest: tuple) -> str:
   return "/".join([container, str(i), *map(str, rest)])
 
 
+def split_layer_path(path: str) -> tuple[str, int, tuple] | None:
+  """The inverse of :func:`layer_path`: (container, layer, rest) of an
+  unrolled path such as ``blocks/3/ffn/load_balance_fraction`` (list
+  indices in `rest` as ints), or None for a name that is not one."""
+  parts = path.split("/")
+  if len(parts) < 3 or not parts[1].isdigit():
+    return None
+  rest = tuple(int(r) if r.isdigit() else r for r in parts[2:])
+  return parts[0], int(parts[1]), rest
+
+
 def resow_per_layer(owner: nnx.Module, container: str) -> None:
   """Moves what the stacked ``owner.<container>`` sowed (each value [L, ...])
   onto `owner`, one entry per layer under the unrolled path, e.g.

@@ -43,6 +43,7 @@ from flax import nnx
 from ultramem_jax.model.common import (BalanceFraction, WholeBatchFraction,
                                        whole_batch_attribute)
 from ultramem_jax.model.memory.layer import MemoryStat
+from ultramem_jax.model.scan import split_layer_path
 from ultramem_jax.parallel.rules import constrain
 from ultramem_jax.training.loss import (finish_metrics, loss_normaliser,
                                         objective, token_losses)
@@ -106,10 +107,10 @@ def supply_fractions(model: nnx.Module,
   layer i its own row."""
   per_layer: dict[tuple, dict[int, jax.Array]] = {}
   for path, value in fractions.items():
-    if len(path) == 1 and "/" in str(path[0]):
-      container, i, *rest = str(path[0]).split("/")
-      rest = tuple(int(r) if r.isdigit() else r for r in rest)
-      per_layer.setdefault((container, rest), {})[int(i)] = value
+    resown = split_layer_path(str(path[0])) if len(path) == 1 else None
+    if resown is not None:
+      container, i, rest = resown
+      per_layer.setdefault((container, rest), {})[i] = value
       continue
     setattr(_module_at(model, path[:-1]), whole_batch_attribute(path[-1]),
             WholeBatchFraction(value))
