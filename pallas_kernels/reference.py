@@ -4,7 +4,9 @@ against these (values and gradients, through ordinary autodiff).
 
 They are also the one definition of step 6 (the weighted read of value
 rows) and of the pre-value activations: the memory layer's XLA path calls
-:func:`pre_value_products` and :func:`weighted_value_sum` directly.
+:func:`pre_value_products` and :func:`weighted_value_sum` directly, and the
+host-memory read (``model/memory/host_read.py``) their halves after the
+gather, :func:`pre_value_dot` and :func:`weighted_rows_sum`.
 
 Shapes: N tokens, S kept slots per token (all heads together), Dv value
 width split into hc chunks (multi-core scoring), Dp pre-value width, E value
@@ -56,12 +58,39 @@ TRITON_ACTIVATIONS = {
 }
 
 
+def pre_value_dot(z: jax.Array, rows: jax.Array) -> jax.Array:
+  """a_k = <z, P[p_k]> of rows already read: z [N, Dp], rows [N, S, Dp] ->
+  [N, S] f32."""
+  return jnp.einsum("nd,nsd->ns", z, rows.astype(z.dtype),
+                    preferred_element_type=jnp.promote_types(z.dtype, jnp.float32))
+
+
 def pre_value_products(z: jax.Array, slots: jax.Array,
                        pre_values: jax.Array) -> jax.Array:
   """a_k = <z, P[p_k]>: z [N, Dp], slots [N, S], P [rows, Dp] -> [N, S] f32."""
-  rows = jnp.take(pre_values, slots, axis=0).astype(z.dtype)
-  return jnp.einsum("nd,nsd->ns", z, rows,
-                    preferred_element_type=jnp.promote_types(z.dtype, jnp.float32))
+  return pre_value_dot(z, jnp.take(pre_values, slots, axis=0))
+
+
+def weighted_rows_sum(rows: jax.Array, weights: jax.Array, *,
+                      blocks: jax.Array | None = None, num_blocks: int = 1,
+                      onehot: jax.Array | None = None,
+                      dtype=jnp.float32) -> jax.Array:
+  """The weighted sum of :func:`weighted_value_sum` over rows already read:
+  rows [N, S, Dv] (V[p_k]), weights [N, S, hc], blocks [N, S] (or their
+  one-hots [N, S, E], given where ``one_hot`` cannot run) -> [N, E * Dv]."""
+  n, s, hc = weights.shape
+  dv = rows.shape[-1]
+  rows = rows.astype(dtype).reshape(n, s, hc, dv // hc)
+  w = weights.astype(dtype)
+  acc = jnp.promote_types(dtype, jnp.float32)
+  if num_blocks == 1 and onehot is None:
+    out = jnp.einsum("nsc,nscd->ncd", w, rows, preferred_element_type=acc)
+  else:
+    if onehot is None:
+      onehot = jax.nn.one_hot(blocks, num_blocks, dtype=dtype)
+    out = jnp.einsum("nsc,nse,nscd->necd", w, onehot.astype(dtype), rows,
+                     preferred_element_type=acc)
+  return out.reshape(n, -1).astype(dtype)
 
 
 def weighted_value_sum(slots: jax.Array, weights: jax.Array, values: jax.Array,
@@ -73,18 +102,8 @@ def weighted_value_sum(slots: jax.Array, weights: jax.Array, values: jax.Array,
   weights); values [rows, Dv]; blocks [N, S] the value block e_k < E.
   Returns [N, E * Dv] (block-major), accumulated in float32, cast to dtype.
   """
-  n, s, hc = weights.shape
-  dv = values.shape[-1]
-  rows = jnp.take(values, slots, axis=0).astype(dtype).reshape(n, s, hc, dv // hc)
-  w = weights.astype(dtype)
-  acc = jnp.promote_types(dtype, jnp.float32)
-  if num_blocks == 1:
-    out = jnp.einsum("nsc,nscd->ncd", w, rows, preferred_element_type=acc)
-  else:
-    onehot = jax.nn.one_hot(blocks, num_blocks, dtype=dtype)
-    out = jnp.einsum("nsc,nse,nscd->necd", w, onehot, rows,
-                     preferred_element_type=acc)
-  return out.reshape(n, num_blocks * dv).astype(dtype)
+  return weighted_rows_sum(jnp.take(values, slots, axis=0), weights,
+                           blocks=blocks, num_blocks=num_blocks, dtype=dtype)
 
 
 def product_key_topk_reference(q: jax.Array, keys: jax.Array, u: jax.Array,

@@ -14,13 +14,17 @@ import dataclasses
 import pathlib
 from typing import Any, Callable
 
+from flax import nnx
+
 from ultramem_jax.config import ConfigError, apply_overrides, require_writable_dir
 from ultramem_jax.data.tokenizer import load_tokenizer
+from ultramem_jax.parallel.host_tables import host_target
 from ultramem_jax.parallel.mesh import make_mesh, use_mesh
 from ultramem_jax.training.checkpoint import Checkpointer, CheckpointMismatch, abstract_like
 from ultramem_jax.training.config import Config, from_dict
 from ultramem_jax.training.run_dir import RunDir, is_checkpoint_step, model_data_difference
-from ultramem_jax.training.state import create_state
+from ultramem_jax.training.memory_budget import check_host_tables
+from ultramem_jax.training.state import create_state, model_and_optimizer
 
 
 @dataclasses.dataclass
@@ -54,7 +58,7 @@ def load_run_config(run_dir: pathlib.Path, overrides: list[str]) -> Config:
     raise ConfigError(
         f"{name}: the run has {a!r}, the overrides give {b!r}; overrides may "
         f"not change the {name.split('.')[0]} section of a trained run "
-        "(model.memory.kernels may change)")
+        "(model.memory.kernels, table_memory and host_read may change)")
   if not cfg.model.vocab_size:  # 0: the tokenizer's size, as trained
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, vocab_size=trained.model.vocab_size))
@@ -74,12 +78,20 @@ def restore_state(cfg: Config, checkpoints: pathlib.Path, step: int):
   """(mesh, graphdef, state, saved meta) of checkpoint `step` in the
   `checkpoints` directory, restored onto the mesh of `cfg`."""
   mesh = make_mesh(cfg.mesh)
+  host = cfg.model.memory.table_memory == "host"
+  with use_mesh(mesh):
+    if host:   # shapes only: the tables are restored straight into host memory
+      graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_and_optimizer(cfg)))
+      target = host_target(abstract, mesh)
+      check_host_tables(target, mesh)
+    else:
+      graphdef, state = create_state(cfg)
+      target = abstract_like(state)
   checkpointer = Checkpointer(checkpoints, cfg.train.max_to_keep)
   try:
     with use_mesh(mesh):
-      graphdef, state = create_state(cfg)
-      checkpointer.check_shapes(step, abstract_like(state))
-      state, meta = checkpointer.restore(step, abstract_like(state))
+      checkpointer.check_shapes(step, target)
+      state, meta = checkpointer.restore(step, target)
   finally:
     checkpointer.close()
   return mesh, graphdef, state, meta
@@ -128,7 +140,7 @@ def restore_listed(cfg: Config, run: RunDir, step: int, pinned: bool):
     try:
       mesh, graphdef, state, _ = restore_state(cfg, run.checkpoints, step)
       return mesh, graphdef, state, step
-    except CheckpointMismatch:
+    except (CheckpointMismatch, ConfigError):
       raise
     except Exception as e:  # noqa: BLE001 (anything unreadable is damage)
       if is_checkpoint_step(run.checkpoint(step)):

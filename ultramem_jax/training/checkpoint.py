@@ -44,6 +44,7 @@ from typing import Any, Callable
 import grain
 import jax
 import jax.numpy as jnp
+from jax.experimental.compute_on import compute_on
 import orbax.checkpoint as ocp
 
 from ultramem_jax.config import ConfigError
@@ -163,8 +164,22 @@ def fingerprint(state: Any) -> dict[str, int]:
   leaves = {k: v for k, v in _leaves(state).items()
             if isinstance(v, jax.Array) and not jax.dtypes.issubdtype(
                 v.dtype, jax.dtypes.prng_key)}
-  values = jax.device_get(_fingerprints(list(leaves.values())))
-  return {k: int(v) for k, v in zip(leaves, values)}
+  host = [k for k, v in leaves.items() if _on_host(v)]
+  device = [k for k in leaves if k not in set(host)]
+  values = dict(zip(device, jax.device_get(_fingerprints([leaves[k] for k in device]))))
+  if host:   # tables in host memory (table_memory=host): summed on the host
+    values.update(zip(host, jax.device_get(_host_fingerprints([leaves[k] for k in host]))))
+  return {k: int(values[k]) for k in leaves}
+
+
+def _on_host(x: jax.Array) -> bool:
+  return getattr(x.sharding, "memory_kind", None) == "pinned_host"
+
+
+@jax.jit
+def _host_fingerprints(arrays: list[jax.Array]) -> list[jax.Array]:
+  """:func:`_fingerprints` of arrays in host memory, computed there."""
+  return compute_on("device_host")(_fingerprints)(arrays)
 
 
 class Checkpointer:

@@ -37,6 +37,7 @@ from flax import nnx
 from ultramem_jax.config import ConfigError
 from ultramem_jax.model.abstract import resolved_vocab
 from ultramem_jax.model.common import dtype_of
+from ultramem_jax.parallel import host_tables
 
 # Token ids are int32 and the largest tokenizers in use have about 260k
 # entries; a vocabulary beyond this is a typo, whatever memory there is.
@@ -154,3 +155,30 @@ def check_generate_memory(cfg, model, rows: int, prompt_len: int,
       f"{rows} row(s) = {_gb(cache)}, at least {_gb(need)} with the restored "
       f"state, but {_gb(free)} are available ({where}); ask for fewer "
       f"tokens ({trained})")
+
+
+def check_host_tables(abstract_state, mesh) -> None:
+  """ConfigError naming ``model.memory.table_memory`` unless every device of
+  `mesh` this process drives can address ``pinned_host`` memory and the
+  host can hold this process's shards of the tables of `abstract_state`
+  (the restored train state: the tables and their two Adam moments), by
+  MemAvailable of /proc/meminfo. Called before anything is restored or
+  compiled."""
+  key = "model.memory.table_memory"
+  local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+  missing = host_tables.devices_without_host_memory(local)
+  if missing:
+    kinds = ", ".join(sorted(host_tables.memory_kinds(missing[0]))) or "none reported"
+    raise ConfigError(
+        f"{key}: got 'host', but the {missing[0].platform} device "
+        f"{missing[0].id} has no {host_tables.HOST_KIND} memory (its memory kinds: "
+        f"{kinds}); use {key}=device")
+  need = host_tables.host_table_bytes(abstract_state, mesh)
+  free = _meminfo_available()
+  if free and need > free:
+    raise ConfigError(
+        f"{key}: got 'host'; this process's shards of the tables and their "
+        f"optimizer moments need {_gb(need)} of host memory ({len(local)} "
+        f"device(s)), but {_gb(free)} are available (MemAvailable in "
+        f"{MEMINFO}); shard the tables over more hosts (mesh.memory) or use "
+        f"{key}=device")

@@ -284,6 +284,12 @@ def prepare(cfg: Config, log: Log) -> Iterator[Prepared]:
   training/signals.py). The run directory's lock is held throughout (taken
   after the config checks, before anything is decided or written)."""
   run = RunDir(cfg.train.run_dir)
+  if cfg.model.memory.table_memory == "host":
+    raise ConfigError(
+        "model.memory.table_memory: got 'host'; training keeps the tables on "
+        "the device (AdamW updates every row of them each step). Host tables "
+        "are for decoding and evaluation: pass model.memory.table_memory=host "
+        "to eval.py generate, loss, tasks or harness")
   with RaiseBeforeTraining(_BEFORE):
     check_mesh(cfg, None, jax.device_count())  # sizes and batch: before any data
     check_writable(run.root)

@@ -207,6 +207,7 @@ def first_difference(saved: dict, new: dict, prefix: str = ""
 def _as_trained(section: str, values: dict, other: dict) -> dict:
   """A copy of config section `values` without what does not define the
   trained model: the memory kernels' choice (how the layer is computed),
+  where its tables live at inference (``table_memory``, ``host_read``),
   the remat policy (what the backward pass stores), and a vocab_size of 0 (the tokenizer's size) stands for `other`'s; paths
   compare with ``~`` expanded."""
   values = copy.deepcopy(dict(values))
@@ -216,7 +217,8 @@ def _as_trained(section: str, values: dict, other: dict) -> dict:
   if section == "model":
     values.pop("remat", None)
     if isinstance(values.get("memory"), dict):
-      values["memory"].pop("kernels", None)
+      for key in ("kernels", "table_memory", "host_read"):
+        values["memory"].pop(key, None)
     if not values.get("vocab_size"):
       values["vocab_size"] = other.get("vocab_size", 0)
   return values
@@ -230,7 +232,8 @@ def model_data_difference(saved: dict | Config, new: dict | Config
   trained on the same data.
 
   Not differences: ``model.memory.kernels`` (the memory layer computed by
-  other kernels is the same model), ``model.remat`` (what the backward
+  other kernels is the same model), ``model.memory.table_memory`` and
+  ``host_read`` (where the tables live at inference), ``model.remat`` (what the backward
   pass stores, not what it computes), and ``model.vocab_size: 0`` on either
   side (0 takes the tokenizer's size, which the other side holds)."""
   saved = to_dict(saved) if isinstance(saved, Config) else saved

@@ -108,6 +108,17 @@ class MemoryConfig:
   # scores, all-to-all of outputs) or "row" (R/M rows per device; masked
   # local read, reduce-scatter of outputs).
   table_sharding: Literal["column", "row"] = "column"
+  # Where the value and pre-value tables live at inference (decode and
+  # evaluation; training keeps them on the device): "device", or "host"
+  # (``pinned_host`` memory; each step moves only the rows its tokens kept,
+  # model/memory/host_read.py). Not part of the model: a trained run may be
+  # evaluated with either.
+  table_memory: Literal["device", "host"] = "device"
+  # With table_memory=host, what runs on the host: "rows" (the gather; the
+  # kept rows are copied to the device), "sum" (the gather, pre-value dots
+  # and weighted sum; only the read output is copied) or "auto" (by backend,
+  # host_read.AUTO_HOST_READ).
+  host_read: Literal["rows", "sum", "auto"] = "auto"
 
   @property
   def enabled(self) -> bool:
@@ -135,6 +146,12 @@ def validate_memory(m) -> None:
   if not geo.placement:
     return
   _check_sizes(mem, geo.keys_per_side)
+  if mem.table_memory == "host" and m.scan_layers:
+    raise ConfigError(
+        f"{k}.table_memory: got 'host' with model.scan_layers=true; host "
+        "tables are read per layer, and a scanned stack slices its tables on "
+        "the device: evaluate with model.scan_layers=false (a scanned run's "
+        "checkpoint is stacked, so train unrolled to use host tables)")
 
 
 def _check_sizes(mem: MemoryConfig, ns: int) -> None:

@@ -24,6 +24,7 @@ from ultramem_jax.memory_geometry import memory_geometry
 from ultramem_jax.model.common import dtype_of, normal_param
 from ultramem_jax.model.config import ModelConfig
 from ultramem_jax.model.memory import retrieval as R
+from ultramem_jax.model.memory.host_read import HostRead, resolve_host_read
 from ultramem_jax.model.memory.recipe import memory_recipe
 from ultramem_jax.model.scan import layer_path
 # MemoryBuffer is re-exported (model.memory imports it from here).
@@ -40,6 +41,16 @@ def use_pallas(kernels: str) -> tuple[bool, bool]:
   if kernels == "xla" or (kernels == "auto" and not accelerator):
     return False, False
   return True, not accelerator
+
+
+def host_reader(cfg: ModelConfig, recipe) -> HostRead | None:
+  """The host read of ``model.memory.table_memory: host`` (None: tables on
+  the device)."""
+  mem = cfg.memory
+  if mem.table_memory != "host":
+    return None
+  return HostRead(resolve_host_read(mem.host_read), recipe.read.activation,
+                  recipe.read.blocks)
 
 
 class MemoryStat(nnx.Variable):
@@ -93,6 +104,7 @@ class MemoryLayer(nnx.Module):
     self.recipe = recipe = memory_recipe(cfg)
     self._geometry(cfg, index)
     self.use_pallas, self.interpret = use_pallas(cfg.memory.kernels)
+    self.host_read = host_reader(cfg, self.recipe)
     sizes = Sizes(cfg.d_model, self.keys_per_side,
                   self.num_blocks * self.value_dim, dtype_of(cfg.param_dtype))
     for stage in (recipe.retrieval, recipe.read, recipe.output):

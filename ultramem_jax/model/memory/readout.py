@@ -81,12 +81,16 @@ class ValueRead:
       z, pre_values = self.pre_values.inputs(layer, x), table.pre_values[...]
     mesh = tokens.active_mesh()
     read = lambda *args, **kw: self.local(layer, *args, **kw)
-    if mesh is not None and (layer.use_pallas or MS.group_size(mesh) > 1):
-      # Over a mesh: tables sharded over `memory`, explicit collectives.
+    host = layer.host_read
+    if mesh is not None and (layer.use_pallas or host is not None
+                             or MS.group_size(mesh) > 1):
+      # Over a mesh: tables sharded over `memory`, explicit collectives;
+      # host tables are read per device, on its own host shard.
       return MS.sharded_read(
           slots, weights, table.values[...], z=z, pre_values=pre_values,
           blocks=blocks, num_blocks=self.blocks, dtype=dt,
-          mode=self.table_sharding, read=read, pre_products=pre_value_products,
+          mode=self.table_sharding, read=read,
+          pre_products=host.pre_products if host else pre_value_products,
           act=ACTIVATIONS[self.activation])
     return read(slots, weights, table.values[...], blocks, z, pre_values, dtype=dt)
 
@@ -94,7 +98,11 @@ class ValueRead:
             pre_values=None, dtype=jnp.float32) -> jax.Array:
     """Step 6 on one device's tables (or shards of them): the Pallas kernel,
     which fuses the pre-value dot, its activation and the weighted sum, or
-    pure JAX. Returns [N, E * Dv_local] in `dtype`."""
+    pure JAX; with host tables, the host read (host_read.py). Returns
+    [N, E * Dv_local] in `dtype`."""
+    if layer.host_read is not None:
+      return layer.host_read.read(slots, weights, values, blocks, z, pre_values,
+                                  dtype=dtype)
     if layer.use_pallas:
       return value_read(slots, weights, values, z=z, pre_values=pre_values,
                         activation=self.activation, blocks=blocks,
