@@ -22,6 +22,7 @@ from ultramem_jax.inspect import decode_params
 from ultramem_jax.model.abstract import abstract_model
 from ultramem_jax.model.kv_cache import KVCache
 from ultramem_jax.model.transformer import build_model
+from ultramem_jax.parallel.host_tables import tables_to_host
 from ultramem_jax.parallel.mesh import single_device_mesh, use_mesh
 from ultramem_jax.training.config import load_config
 from ultramem_jax.training.memory_budget import available_bytes
@@ -40,6 +41,14 @@ QUICK = ["model.n_layers=1", "model.d_model=64", "model.n_heads=2",
          "model.memory.value_dim=16", "model.memory.pre_value_dim=16",
          "model.memory.init=released"]
 QUICK_CONTEXT, QUICK_BATCHES, QUICK_DTYPES = 8, (1, 2), ("float32",)
+# UltraMemV2 with its tables in device memory and in host memory
+# (model.memory.table_memory, host_read), float32, timed in turn.
+HOST_BATCHES = (1, 8, 64)
+HOST_VARIANTS = (("device", []),
+                 ("host rows", ["model.memory.table_memory=host",
+                                "model.memory.host_read=rows"]),
+                 ("host sum", ["model.memory.table_memory=host",
+                               "model.memory.host_read=sum"]))
 
 DESCRIPTION = f"""\
 One decode step (one new token per row after {CONTEXT} cached tokens) of
@@ -64,13 +73,23 @@ measured here, with a large copy and a
 matrix-vector product for the machine's stream bandwidth; "x of limit" is
 the step's time over (bytes / limit): 1 would be a step that streams its
 bytes as fast as a dense matmul does.
+
+Host tables: the same UltraMemV2 step in float32 with its value and
+pre-value tables in device memory and in host memory
+(`model.memory.table_memory=host`, with `host_read=rows`: the host gathers
+the kept rows and the device sums them, or `host_read=sum`: the host also
+sums), the same weights, timed in turn. On a CPU host and device memory are
+one, so this measures the mechanism's overhead (the host computations and
+their hand-offs), not a transfer; "moved" is `inspect`'s count of what
+crosses between host and device per step.
 """
 
 
-def model_config(path: str, dtype: str, context: int, quick: bool):
+def model_config(path: str, dtype: str, context: int, quick: bool,
+                 extra: list[str] | None = None):
   """The root config of a benchmarked model: `path` with `model.dtype`
   and `data.seq_len` (the context inspect's cache bytes are counted at)."""
-  overrides = [f"model.dtype={dtype}", f"data.seq_len={context}"]
+  overrides = [f"model.dtype={dtype}", f"data.seq_len={context}", *(extra or [])]
   return load_config(path, (QUICK if quick else []) + overrides)
 
 
@@ -173,9 +192,40 @@ def _measure(quick: bool) -> dict:
                                        context, quick)
         out["cells"].append(cell)
       del samplers
+  out["host"] = _measure_host(built, quick)
   del built
   gc.collect()
   return out
+
+
+def _measure_host(built: dict, quick: bool) -> list[dict]:
+  """Interleaved step times of UltraMemV2 with device and host tables (the
+  same float32 weights; the host copy of the tables is made here)."""
+  context = QUICK_CONTEXT if quick else CONTEXT
+  name, path = MODELS[1]
+  cfgs = {label: model_config(path, "float32", context, quick, extra)
+          for label, extra in HOST_VARIANTS}
+  batches = QUICK_BATCHES if quick else HOST_BATCHES
+  bytes_ = {b: {label: step_bytes(c, [b])[0] for label, c in cfgs.items()}
+            for b in batches}
+  ok, why = _fits(_param_bytes(cfgs["device"]) * (1 if name in built else 2), 1.05)
+  if not ok:
+    return [{"batch": b, "skipped": why, "bytes": bytes_[b]} for b in batches]
+  cells = []
+  with use_mesh(single_device_mesh()):
+    graphdef, params = _split(cfgs["device"], built, name)
+    host_params = tables_to_host(params)
+    samplers = {}
+    for label, cfg in cfgs.items():
+      host = cfg.model.memory.table_memory == "host"
+      samplers[label] = Sampler(nnx.split(abstract_model(cfg))[0],
+                                host_params if host else params, cfg.model)
+    for batch in batches:
+      cells.append({"batch": batch, "bytes": bytes_[batch],
+                    "timing": _time_batch(samplers, cfgs["device"].model,
+                                          batch, context, quick)})
+    del samplers, host_params
+  return cells
 
 
 def mb(nbytes: int) -> str:
@@ -235,7 +285,40 @@ def _tables(out: dict) -> list[Table]:
                      f"{rate / 1e9:.1f}"])
   limit_table = Table("This machine's streaming rates", ["what", "GB/s"],
                       lim_rows, ["absolute"])
-  return [time_table, byte_table, limit_table]
+  return [time_table, byte_table, limit_table, _host_table(out["host"])]
+
+
+def _host_table(cells: list[dict]) -> Table:
+  labels = [label for label, _ in HOST_VARIANTS]
+  rows = []
+  for c in cells:
+    moved = [mb(c["bytes"][label]["host"]["moved_to_device_bytes"]
+                + c["bytes"][label]["host"]["moved_to_host_bytes"])
+             for label in labels[1:]]
+    if "skipped" in c:
+      rows.append([str(c["batch"]), f"skipped: {c['skipped']}"] + [""] * 6 + moved)
+      continue
+    t = c["timing"]
+    dev = t["device"].median
+    row = [str(c["batch"])]
+    for label in labels:
+      row += [ms(t[label].median), pct(t[label].spread)]
+    row += [f"{t[label].median / dev:.2f}x" for label in labels[1:]]
+    rows.append(row + moved)
+  header = ["batch"]
+  for label in labels:
+    header += [f"{label} ms", f"{label} spread"]
+  header += [f"{label} / device" for label in labels[1:]]
+  header += [f"{label}: moved MB" for label in labels[1:]]
+  kinds = ["absolute", "", "absolute", "", "absolute", "", "ratio", "ratio",
+           "", ""]
+  return Table(
+      "Host tables: UltraMemV2, float32", header, rows, kinds,
+      ["device: tables in device memory; host rows / host sum: "
+       "`model.memory.table_memory=host` with `host_read=rows` or `sum`. "
+       "moved MB: bytes crossing between host and device per step, both "
+       "ways, by `inspect` (`decode_cost.host_transfer_bytes`). On a CPU "
+       "the two memories are one: the ratios are the mechanism's overhead."])
 
 
 def run(quick: bool = False) -> Result:

@@ -70,6 +70,19 @@ def test_decode_quick_reports_inspects_bytes():
   assert all(row[-1].endswith("x") for row in times)
   assert any("matrix-vector" in row[0]
              for row in _rows(r, "This machine's streaming rates"))
+  # Host tables: one row per batch, the three placements timed, and the
+  # bytes moved as inspect counts them with table_memory=host.
+  host_rows = _rows(r, "Host tables: UltraMemV2, float32")
+  assert [row[0] for row in host_rows] == [str(b) for b in decode.QUICK_BATCHES]
+  for cell, row in zip(out["host"], host_rows):
+    assert set(cell["timing"]) == {"device", "host rows", "host sum"}
+    for j, (label, extra) in enumerate(decode.HOST_VARIANTS[1:]):
+      cfg = decode.model_config(decode.MODELS[1][1], "float32", out["context"],
+                                quick=True, extra=extra)
+      host = inspect_config(cfg, devices=1, batches=(cell["batch"],))["decode"][0]["host"]
+      assert host["moved_to_device_bytes"] > 0
+      assert row[-2 + j] == decode.mb(host["moved_to_device_bytes"]
+                                      + host["moved_to_host_bytes"])
 
 
 def test_table_scaling_quick_splits_the_step():

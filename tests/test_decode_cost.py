@@ -45,6 +45,38 @@ def test_memory_layer_reads_m_rows_per_token(config):
   assert out[1]["by_kind"]["dense"] == out[10**7]["by_kind"]["dense"]
 
 
+@pytest.mark.parametrize("config,mode", [
+    ("configs/tiny_ultramem_v2.yaml", "rows"), ("configs/tiny_ultramem_v2.yaml", "sum"),
+    ("configs/tiny_ultramem.yaml", "sum")])
+def test_host_tables_move_the_kept_rows_or_the_read(config, mode):
+  """table_memory=host: the device reads everything but the rows; per
+  layer, rows moves B*S rows of Dv + Dp to the device (and the int32
+  indices to the host once per table), sum the B reads of E*Dv (and the
+  indices, float32 scores per core, pre-value inputs and block one-hots to
+  the host). Hand counts from the config's sizes."""
+  cfg = load_config(config, ["model.memory.table_memory=host",
+                             f"model.memory.host_read={mode}"])
+  info = inspect_config(cfg, 1, (1, 5))
+  mem, m = cfg.model.memory, cfg.model
+  layers = len(info["memory"]["layers"])
+  s, dv, dp, hc = mem.heads * mem.top_m, m.value_dim, mem.pre_value_dim, mem.tucker_cores
+  e = mem.value_expansion
+  for r in info["decode"]:
+    b, host = r["batch"], r["host"]
+    assert host["host_read"] == mode
+    assert host["device_param_bytes"] == r["param_bytes"] - r["by_kind"]["memory_rows"]
+    assert host["host_table_bytes_read"] == r["by_kind"]["memory_rows"]
+    if mode == "rows":
+      to_device = b * s * (dv + dp) * 4
+      to_host = b * s * 4 * (2 if dp else 1)
+    else:
+      to_device = b * e * dv * 4
+      to_host = b * (s * 4 + s * hc * 4 + dp * 4 + (s * e * 4 if e > 1 else 0))
+    assert host["moved_to_device_bytes"] == layers * to_device
+    assert host["moved_to_host_bytes"] == layers * to_host
+  assert "host" not in inspect_config(load_config(config, []), 1, (1,))["decode"][0]
+
+
 def test_kv_cache_bytes():
   cfg = load_config("configs/tiny_dense.yaml", ["data.seq_len=64"])
   m = cfg.model

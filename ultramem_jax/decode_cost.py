@@ -16,7 +16,13 @@ sequence. Per step it reads:
   (reported apart: it is not parameters, and grows with T).
 
 The counts are upper bounds where tokens pick the same expert or row; with
-B = 1 they are exact. ``bytes`` use each parameter's stored dtype
+B = 1 they are exact.
+
+With ``model.memory.table_memory: host`` the tables are not in accelerator
+memory: ``host`` then gives the bytes read from accelerator memory (the
+parameters but the tables' rows), the bytes the host reads of its tables
+(the same rows) and the bytes moved each way per step
+(:func:`host_transfer_bytes`). ``bytes`` use each parameter's stored dtype
 (``model.param_dtype``) and the compute dtype for the cache.
 """
 
@@ -29,6 +35,7 @@ import jax.numpy as jnp
 
 from ultramem_jax.memory_geometry import memory_geometry
 from ultramem_jax.model.common import dtype_of
+from ultramem_jax.model.memory.host_read import resolve_host_read
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,10 +97,48 @@ def decode_step_bytes(cfg, params: list[Param], batch: int) -> dict:
   total = sum(out.values())
   cache_item = jnp.dtype(dtype_of(m.dtype)).itemsize
   kv = 2 * m.n_layers * batch * cfg.data.seq_len * m.kv_heads * m.attn_head_dim
-  return {"batch": batch, "param_bytes": total,
-          "param_bytes_per_token": total / batch, "by_kind": out,
-          "experts_read": experts_read, "memory_rows_read": rows_read,
-          "kv_cache_bytes": kv * cache_item, "context": cfg.data.seq_len}
+  report = {"batch": batch, "param_bytes": total,
+            "param_bytes_per_token": total / batch, "by_kind": out,
+            "experts_read": experts_read, "memory_rows_read": rows_read,
+            "kv_cache_bytes": kv * cache_item, "context": cfg.data.seq_len}
+  if mem.enabled and mem.table_memory == "host":
+    report["host"] = {"device_param_bytes": total - out["memory_rows"],
+                      "host_table_bytes_read": out["memory_rows"],
+                      **host_transfer_bytes(cfg, batch)}
+  return report
+
+
+def host_transfer_bytes(cfg, batch: int, host_read: str | None = None) -> dict:
+  """Bytes moved between host and device per decode step of `batch` tokens
+  with the tables in host memory (model/memory/host_read.py), summed over
+  the memory layers, each layer's S = heads * m slots per token:
+
+  - ``rows``: to the host the kept indices (int32, once per table); to the
+    device the kept rows, B * S * (Dv + Dp) in the compute dtype (every
+    slot's row, repeats included: the gather is per slot);
+  - ``sum``: to the host the indices, the per-core scores (float32,
+    B * S * hc), the pre-value inputs (B * Dp) and, with E value blocks,
+    the blocks' one-hots (B * S * E); to the device the read, B * E * Dv.
+
+  `host_read` defaults to the config's, ``auto`` resolved as on this
+  process's backend."""
+  m = cfg.model
+  mem = m.memory
+  mode = resolve_host_read(host_read or mem.host_read)
+  geo = memory_geometry(m)
+  layers = len(geo.placement)
+  item = jnp.dtype(dtype_of(m.dtype)).itemsize
+  s = mem.heads * mem.top_m
+  dv, dp, e, hc = m.value_dim, mem.pre_value_dim, geo.blocks, mem.tucker_cores
+  tables = 2 if dp else 1
+  if mode == "rows":
+    to_host = batch * s * 4 * tables
+    to_device = batch * s * (dv + dp) * item
+  else:
+    to_host = batch * (s * 4 + s * hc * 4 + dp * item + (s * e * item if e > 1 else 0))
+    to_device = batch * e * dv * item
+  return {"host_read": mode, "moved_to_host_bytes": layers * to_host,
+          "moved_to_device_bytes": layers * to_device}
 
 
 def decode_report(cfg, params: list[Param],
