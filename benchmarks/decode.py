@@ -233,6 +233,11 @@ def mb(nbytes: int) -> str:
   return f"{nbytes / 1e6:,.1f}"
 
 
+def kb(nbytes: int) -> str:
+  """Bytes as 10^3-byte kilobytes, one decimal."""
+  return f"{nbytes / 1e3:,.1f}"
+
+
 def _tables(out: dict) -> list[Table]:
   (a, _), (b, _) = MODELS
   times, bytes_ = [], []
@@ -292,7 +297,7 @@ def _host_table(cells: list[dict]) -> Table:
   labels = [label for label, _ in HOST_VARIANTS]
   rows = []
   for c in cells:
-    moved = [mb(c["bytes"][label]["host"]["moved_to_device_bytes"]
+    moved = [kb(c["bytes"][label]["host"]["moved_to_device_bytes"]
                 + c["bytes"][label]["host"]["moved_to_host_bytes"])
              for label in labels[1:]]
     if "skipped" in c:
@@ -309,14 +314,14 @@ def _host_table(cells: list[dict]) -> Table:
   for label in labels:
     header += [f"{label} ms", f"{label} spread"]
   header += [f"{label} / device" for label in labels[1:]]
-  header += [f"{label}: moved MB" for label in labels[1:]]
+  header += [f"{label}: moved kB" for label in labels[1:]]
   kinds = ["absolute", "", "absolute", "", "absolute", "", "ratio", "ratio",
            "", ""]
   return Table(
       "Host tables: UltraMemV2, float32", header, rows, kinds,
       ["device: tables in device memory; host rows / host sum: "
        "`model.memory.table_memory=host` with `host_read=rows` or `sum`. "
-       "moved MB: bytes crossing between host and device per step, both "
+       "moved kB (10^3 bytes): bytes crossing between host and device per step, both "
        "ways, by `inspect` (`decode_cost.host_transfer_bytes`). On a CPU "
        "the two memories are one: the ratios are the mechanism's overhead."])
 

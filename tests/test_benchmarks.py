@@ -81,7 +81,7 @@ def test_decode_quick_reports_inspects_bytes():
                                 quick=True, extra=extra)
       host = inspect_config(cfg, devices=1, batches=(cell["batch"],))["decode"][0]["host"]
       assert host["moved_to_device_bytes"] > 0
-      assert row[-2 + j] == decode.mb(host["moved_to_device_bytes"]
+      assert row[-2 + j] == decode.kb(host["moved_to_device_bytes"]
                                       + host["moved_to_host_bytes"])
 
 
