@@ -37,7 +37,9 @@ defaults to their product. The conventions:
 - ``decode``: for each batch size B of ``--batch``, the bytes one decode
   step reads from parameters (experts touched ``min(B*k, E)``, value rows
   ``min(B*m, N)``, all keys and dense weights; spec section 7) and the KV
-  cache at context ``data.seq_len``; formulas in ``decode_cost.py``.
+  cache at context ``data.seq_len``; formulas in ``decode_cost.py``. With
+  ``model.memory.table_memory=host``, also what the step reads from device
+  memory and moves between host and device (``host``).
 - ``collectives``: per layer, each collective's bytes per token forward and
   backward (bytes one device sends / tokens it processes), and per step the
   parameter all-gathers and gradient reductions (bytes one device sends);
