@@ -24,6 +24,7 @@ from ultramem_jax.evaluation.generate import Sampler, extend_and_sample
 from ultramem_jax.evaluation.harness_model import UltraMemLM
 from ultramem_jax.evaluation.restore import restore_run
 from ultramem_jax.model.kv_cache import KVCache
+from ultramem_jax.model.memory.host_read import HostRead
 from ultramem_jax.model.transformer import build_model
 from ultramem_jax.parallel import host_tables
 from ultramem_jax.parallel.mesh import MeshConfig, make_mesh, single_device_mesh, use_mesh
@@ -167,6 +168,26 @@ def test_decode_step_moves_only_the_kept_rows(mode, results):
   for arg in args:
     uses = [line for line in body if re.search(rf"{arg}\b", line)]
     assert uses and all('_xla_compute_type = "host"' in line for line in uses)
+
+
+@pytest.mark.parametrize("mode", ["rows", "sum"])
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_host_read_lowers_for_gpu_and_tpu(mode, platform):
+  """The host read (gelu pre-value activation, E = 4 blocks) lowers for a
+  GPU and a TPU from the CPU, with its table reads marked as host
+  computations (StableHLO: XLA's host offloading runs when compiling on
+  the device, which needs one)."""
+  host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+  spec = lambda shape, dtype=jnp.float32, sharding=None: jax.ShapeDtypeStruct(
+      shape, dtype, sharding=sharding)
+  read = HostRead(mode, "gelu", 4)
+  text = jax.jit(lambda s, w, v, b, z, p: read.read(s, w, v, b, z, p)).trace(
+      spec((4, 6), jnp.int32), spec((4, 6, 2)), spec((64, 16), sharding=host),
+      spec((4, 6), jnp.int32), spec((4, 8)), spec((64, 8), sharding=host)
+  ).lower(lowering_platforms=(platform,)).as_text()
+  main = text[text.index("func.func public @main"):].splitlines()[0]
+  assert main.count('mhlo.memory_kind = "pinned_host"') == 2
+  assert len(host_calls(text)) == (1 if mode == "sum" else 2)
 
 
 # ------------------------------------------------------------ refusals
