@@ -201,18 +201,26 @@ def run_cli(*args):
                         capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, text_dir):
-  run_dir = tmp_path_factory.mktemp("gen") / "run"
-  cfg = load_config("configs/tiny_dense.yaml", [
-      "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
-      "model.ffn.inner_dim=64", "data.bpe_vocab_size=300", "data.seq_len=32",
-      "data.batch_size=8", "data.val_fraction=0.1", "optimizer.warmup_steps=1",
-      "train.steps=3", "train.eval_every=3", "train.checkpoint_every=3",
-      "train.progress_bar=false", f"data.source={text_dir}",
-      f"train.run_dir={run_dir}"])
+def train_small_run(config: str, overrides: list[str], run_dir, text_dir,
+                    steps: int = 3):
+  """A run of `config` trained for `steps` steps on the test documents,
+  with a final checkpoint and evaluation; returns `run_dir`."""
+  cfg = load_config(config, [
+      *overrides, "data.seq_len=32", "data.batch_size=8",
+      "data.val_fraction=0.1", "optimizer.warmup_steps=1",
+      f"train.steps={steps}", f"train.eval_every={steps}",
+      f"train.checkpoint_every={steps}", "train.progress_bar=false",
+      f"data.source={text_dir}", f"train.run_dir={run_dir}"])
   train(cfg, log=lambda s: None)
   return run_dir
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, text_dir):
+  return train_small_run("configs/tiny_dense.yaml", [
+      "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
+      "model.ffn.inner_dim=64", "data.bpe_vocab_size=300"],
+      tmp_path_factory.mktemp("gen") / "run", text_dir)
 
 
 def test_cli_generates_text(trained_run):

@@ -18,7 +18,7 @@ from flax import nnx
 from lm_eval.api.instance import Instance
 
 from memory_variants import VARIANTS
-from test_generate import SEQ, SMALL, V2
+from test_generate import SEQ, SMALL, V2, train_small_run
 from ultramem_jax.config import ConfigError
 from ultramem_jax.evaluation.generate import Sampler, extend_and_sample
 from ultramem_jax.evaluation.harness_model import UltraMemLM
@@ -212,15 +212,8 @@ def test_scanned_layers_refuse_host_tables():
 
 @pytest.fixture(scope="module")
 def trained_v2(tmp_path_factory, text_dir):
-  run_dir = tmp_path_factory.mktemp("host") / "run"
-  cfg = load_config(V2_CFG[0], [
-      *SMALL, *V2_CFG[1], "data.seq_len=32",
-      "data.batch_size=8", "data.val_fraction=0.1", "optimizer.warmup_steps=1",
-      "train.steps=2", "train.eval_every=2", "train.checkpoint_every=2",
-      "train.progress_bar=false", f"data.source={text_dir}",
-      f"train.run_dir={run_dir}"])
-  train(cfg, log=lambda s: None)
-  return run_dir
+  return train_small_run(V2_CFG[0], [*SMALL, *V2_CFG[1]],
+                         tmp_path_factory.mktemp("host") / "run", text_dir, steps=2)
 
 
 def test_cli_generates_the_same_text_with_host_tables(trained_v2, capsys):
