@@ -108,7 +108,8 @@ def generated(tmp_path_factory):
   parity = _sweep(root, "fx_parity", {
       "variant": ["moe", "ultramem_v2", "ultramem", "memory_plus"],
       "config": [str(cfg / f"tiny_{v}.yaml") for v in
-                 ("moe", "ultramem_v2", "ultramem", "memory_plus")]}, ["loss"])
+                 ("moe", "ultramem_v2", "ultramem", "memory_plus")]},
+      ["loss", {"harness": {"tasks": "local_mc", "include_path": "configs/harness"}}])
   tasks = _sweep(root, "fx_tasks", {
       "variant": ["moe", "ultramem_v2"],
       "config": [str(cfg / "tiny_mqar_moe.yaml"), str(cfg / "tiny_mqar_ultramem_v2.yaml")]},
@@ -124,7 +125,11 @@ def generated(tmp_path_factory):
       _fail(p)
     else:
       loss = LOSSES[p.variant, p.seed]
-      _finish(p, loss, {f"loss_step{STEPS}.json": {"val_loss": loss}})
+      evals = {f"loss_step{STEPS}.json": {"val_loss": loss}}
+      if p.variant == "moe":   # the others' harness eval is still to run
+        evals[f"harness_step{STEPS}_local_mc.json"] = {
+            "results": {"local_mc": {"acc,none": 0.25 + 0.125 * p.seed}}}
+      _finish(p, loss, evals)
   for p in resolve(read_sweep(tasks)):
     _finish(p, 1.0, {f"tasks_step{STEPS}.json": _tasks_json(ACC[p.variant, p.seed])})
   for p in resolve(read_sweep(density)):
@@ -183,6 +188,13 @@ def test_loss_table_and_each_comparison(generated):
   assert _line(t, "| ultramem_v2 < memory_plus |").endswith("| not run | - |")
 
 
+def test_harness_smoke_test_line(generated):
+  # moe: 0.25 and 0.375, sample std 0.125 / sqrt(2) = 0.088.
+  assert ("eval.py harness, a smoke test of the pipeline and not a claim: 2 "
+          "result(s) from 6 finished point(s); accuracy local_mc moe 0.312 ± "
+          "0.088 (n=2).") in generated["text"]
+
+
 def test_a_study_without_runs_gives_its_command(generated):
   t = generated["text"]
   section = t[t.index("### bigger"):t.index("**Verdict, claim 1")]
@@ -228,7 +240,7 @@ def test_files_written(generated):
       assert f.read_bytes()[:8] == PNG_MAGIC
   assert "![fx_parity](results/fx_parity_loss_curves.png)" in generated["text"]
   rows = list(csv.DictReader(open(site / "fx_parity.csv")))
-  assert [r["state"] for r in rows] == ["done"] * 6 + ["failed"] * 2
+  assert [r["state"] for r in rows] == ["done"] * 2 + ["trained"] * 4 + ["failed"] * 2
   assert [float(r["eval_loss"]) for r in rows[:6]] == list(LOSSES.values())
 
 

@@ -116,6 +116,26 @@ def accuracy_by_length(c: Collected) -> dict[str, dict[str, dict[int, list[float
   return out
 
 
+def harness_accuracy(c: Collected) -> dict[str, dict[str, list[float]]] | None:
+  """{task: {variant: [acc per finished point]}} from the sweep's
+  eval.py harness results; None when the sweep runs no harness eval."""
+  specs = [e for e in c.sweep.evals if e.kind == "harness"]
+  if not specs:
+    return None
+  out: dict[str, dict[str, list[float]]] = {}
+  finished = {r["name"] for r in c.rows if r["state"] in WITH_NUMBERS}
+  for p in c.points:
+    for spec in specs:
+      result = state.read_json(p.run_dir / "eval" / spec.output(p.steps))
+      if p.name not in finished or not result:
+        continue
+      for task, metrics in result.get("results", {}).items():
+        acc = metrics.get("acc,none")
+        if isinstance(acc, (int, float)):
+          out.setdefault(task, {}).setdefault(p.variant, []).append(float(acc))
+  return out
+
+
 def setting(c: Collected, variant: str, key: str) -> Any:
   """The value of an axis (e.g. model.memory.top_m) at a variant."""
   p = next(p for p in c.points if p.variant == variant)

@@ -89,6 +89,21 @@ def table(c: C.Collected) -> list[str]:
   return lines
 
 
+def harness_line(c: C.Collected) -> list[str]:
+  """For a sweep that runs eval.py harness: how many finished points wrote
+  its result and their accuracy per variant (a smoke test, not a claim)."""
+  found = C.harness_accuracy(c)
+  if found is None:
+    return []
+  done = sum(len(v) for per in found.values() for v in per.values())
+  cells = [f"{task} {variant} {_cell(v, 3)} (n={len(v)})"
+           for task, per in found.items() for variant, v in per.items()]
+  return [f"eval.py harness, a smoke test of the pipeline and not a claim: "
+          f"{done} result(s) from {sum(len(c.finished(v)) for v in c.variants())} "
+          f"finished point(s)" + (f"; accuracy {'; '.join(cells)}" if cells else "")
+          + ".", ""]
+
+
 def judge(c: C.Collected, part: Part) -> PartResult:
   key = C.metric_key(c.study, part.task)
   a, b = C.values(c, part.a, key), C.values(c, part.b, key)
@@ -149,7 +164,7 @@ def study_report(c: C.Collected, assets: pathlib.Path, out_dir: pathlib.Path,
   rel = lambda p: p.relative_to(out_dir) if p.is_relative_to(out_dir) else p
   lines += ["Mean ± sample standard deviation over the finished seeds; "
             "parameters from inspect.", "", *table(c), "",
-            *comparisons(list(parts)), "",
+            *comparisons(list(parts)), "", *harness_line(c),
             f"![{c.sweep.name}]({rel(png)})", "",
             f"Every point: [{rel(csv_path)}]({rel(csv_path)}).", ""]
   return StudyResult(s, True, parts, tuple(lines), (csv_path, png))
