@@ -29,6 +29,7 @@ from ultramem_jax.config import ConfigError
 from ultramem_jax.reproduction.claims import CLAIMS
 from ultramem_jax.reproduction.document import results_markdown, study_overrides
 from ultramem_jax.sweep.__main__ import main as sweep_main
+from ultramem_jax.sweep.execute import portable
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 AT_SCALE_ROOT = "runs/sweeps_at_scale"
@@ -45,8 +46,6 @@ def _parser() -> argparse.ArgumentParser:
                    help="the accelerator overrides of each sweep (claims.py)")
     p.add_argument("--sweeps_root", type=pathlib.Path, default=None,
                    help="each sweep's directory becomes DIR/<name>")
-    if name != "commands":
-      p.add_argument("overrides", nargs="*", help="dotted.key=value for every point")
   run = sub.choices["run"]
   run.add_argument("claim", type=int, choices=[c.number for c in CLAIMS])
   report = sub.choices["report"]
@@ -91,8 +90,8 @@ def _commands(args) -> int:
   for claim in CLAIMS:
     print(f"# claim {claim.number}: {claim.title}")
     for study in claim.studies:
-      argv = _sweep_argv(study, args, [], [])
-      argv[1] = study.sweep
+      argv = [portable(pathlib.Path(a)) if a.startswith("/") else a
+              for a in _sweep_argv(study, args, [], [])]
       print("python -m ultramem_jax.sweep " + " ".join(shlex.quote(a) for a in argv))
   return 0
 
@@ -120,8 +119,11 @@ def main(argv: list[str] | None = None) -> int:
   if "--" in argv:
     i = argv.index("--")
     argv, passthrough = argv[:i], argv[i + 1:]
+  # dotted.key=value anywhere on the line (before or after the options).
+  overrides = [a for a in argv if "=" in a and not a.startswith("-")]
   parser = _parser()
-  args = parser.parse_args(argv)
+  args = parser.parse_args([a for a in argv if a not in overrides])
+  args.overrides = overrides
   try:
     if args.command == "run":
       return _run(args, passthrough)
