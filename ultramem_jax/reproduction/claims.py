@@ -82,8 +82,10 @@ def _parity() -> tuple[Part, ...]:
           Part("ultramem", "memory_plus"))
 
 
-# Tokens on an accelerator: about 30x the CPU budget for the tiny sweeps,
-# batch 256 (8x the CPU's 32), so steps fall by 8 and rise by 30.
+# On an accelerator: batch 256 (8x the CPU's 32) and 3,000 steps, 98.3M
+# tokens per run for the text sweeps (about 18-100x their CPU budgets,
+# docs/reproduction.md); 48,000 steps of 256 x 32 task tokens (393M) for
+# claim 3.
 def _scale(steps: int, decay: bool = True) -> tuple[str, ...]:
   out = (f"train.steps={steps}", "data.batch_size=256",
          f"train.eval_every={steps // 10}", f"train.checkpoint_every={steps // 10}",
@@ -102,7 +104,7 @@ CLAIMS: tuple[Claim, ...] = (
           "< Memory+).",
           (Study("configs/sweeps/claim1_parity.yaml", "tiny", "loss",
                  _parity() + (Part("ultramem_v2", "dense", "parity", verdict=False),),
-                 at_scale=_scale(4000)),
+                 at_scale=_scale(3000)),
            Study("configs/sweeps/claim1_parity_4x.yaml", "4x", "loss", _parity(),
                  at_scale=_scale(3000)),
            # Accelerator only (its header: 10-20 GB a point, 1B tokens).
@@ -127,7 +129,7 @@ CLAIMS: tuple[Claim, ...] = (
           (Study("configs/sweeps/claim3_tasks.yaml", "tiny", "tasks",
                  tuple(Part("ultramem_v2", "moe", task=t) for t in PAPER_TASKS)
                  + (Part("ultramem_v2", "moe", task="fact_retrieval", verdict=False),),
-                 plot="tasks", at_scale=_scale(60000, decay=False)),)),
+                 plot="tasks", at_scale=_scale(48000, decay=False)),)),
     Claim(4, "Activation density",
           "At equal activated parameters, more activated values per token "
           "(larger m) from a smaller table beat fewer values from a larger "

@@ -127,24 +127,28 @@ def decode_section(repo: pathlib.Path, assets: pathlib.Path, out_dir: pathlib.Pa
 def at_scale(claims, out_name: str) -> list[str]:
   """The sweep files with an accelerator's overrides, and the commands."""
   lines = ["## At scale", "",
-           "The same sweep files on an accelerator. Each command's overrides "
-           "replace the CPU budget (batch 256 instead of 32 and about 30x the "
-           "tokens for the tiny sweeps); `--at_scale` applies them and puts "
-           "the runs under `runs/sweeps_at_scale/`. The 227M sweep "
-           "(`configs/sweeps/claim1_parity_227m.yaml`) is sized for an "
-           "accelerator as it stands; set `data.source` to a corpus of "
-           "billions of tokens (its header).", "",
-           "```bash"]
+           "The same sweep files on an accelerator, with each study's "
+           "overrides from `ultramem_jax/reproduction/claims.py`: batch 256 "
+           "instead of 32 and 3,000 steps (98.3M tokens per run) for the text "
+           "sweeps, 48,000 steps of 256 x 32 task tokens for claim 3. "
+           "`--at_scale` applies them and puts the runs under "
+           "`runs/sweeps_at_scale/`. `data.source` must name a corpus of at "
+           "least that many tokens (the wiki corpus holds 1.35M): give it to "
+           "every command, `report` included, since overrides name the points. "
+           "`configs/sweeps/claim1_parity_227m.yaml` (the paper's 227M "
+           "configs, 1.0B tokens per run) is sized for an accelerator as it "
+           "stands.", "", "```bash"]
   for claim in claims:
-    lines.append(f"python -m ultramem_jax.reproduction run {claim.number} --at_scale")
-  lines += [f"python -m ultramem_jax.reproduction report --at_scale --out RESULTS_at_scale.md",
+    lines.append(f"python -m ultramem_jax.reproduction run {claim.number} "
+                 "--at_scale data.source=/data/corpus")
+  lines += ["python -m ultramem_jax.reproduction report --at_scale "
+            "--out RESULTS_at_scale.md data.source=/data/corpus",
             "```", "", "What `--at_scale` runs, sweep by sweep:", "", "```bash"]
   for claim in claims:
     for s in claim.studies:
-      extra = " ".join(s.at_scale)
+      extra = " ".join(s.at_scale + ("data.source=/data/corpus",))
       dest = f" --sweep_dir runs/sweeps_at_scale/{pathlib.Path(s.sweep).stem}"
-      lines.append(f"python -m ultramem_jax.sweep run {s.sweep} {extra}{dest}"
-                   .replace("  ", " "))
+      lines.append(f"python -m ultramem_jax.sweep run {s.sweep} {extra}{dest}")
   lines += ["```", "", "No accelerator run is recorded in this file.", ""]
   return lines
 
