@@ -8,7 +8,7 @@
     report --out RESULTS.md   RESULTS.md from the sweeps' run directories:
                               per claim a table, a PNG, the verdict; claims
                               without runs say "not run" with the command
-    commands                  prints the run commands of every claim
+    commands [key=value ...]  prints the sweep commands of every claim
 
 --at_scale applies each sweep's accelerator overrides (claims.py) and
 uses runs/sweeps_at_scale/<name> unless --sweeps_root is given;
@@ -91,7 +91,7 @@ def _commands(args) -> int:
     print(f"# claim {claim.number}: {claim.title}")
     for study in claim.studies:
       argv = [portable(pathlib.Path(a)) if a.startswith("/") else a
-              for a in _sweep_argv(study, args, [], [])]
+              for a in _sweep_argv(study, args, args.overrides, [])]
       print("python -m ultramem_jax.sweep " + " ".join(shlex.quote(a) for a in argv))
   return 0
 
