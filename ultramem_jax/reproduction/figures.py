@@ -74,7 +74,7 @@ def loss_vs_m(path: pathlib.Path, points: list[tuple[float, list[float], str]],
     ax.set_xticks([p[0] for p in pts])
     ax.set_xticklabels([f"{p[0]:g}" for p in pts])
   ax.set_xlabel("m, values read per token and layer (smaller table as m grows)")
-  ax.set_ylabel("final validation loss (nats/token)")
+  ax.set_ylabel("eval.py validation loss (nats/token)")
   ax.set_title(title, fontsize=10)
   ax.grid(alpha=0.3)
   return _save(fig, path)
