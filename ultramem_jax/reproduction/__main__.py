@@ -12,8 +12,8 @@
 
 --at_scale applies each sweep's accelerator overrides (claims.py) and
 uses runs/sweeps_at_scale/<name> unless --sweeps_root is given;
---sweeps_root DIR puts every sweep at DIR/<name>. key=value overrides go
-to every point of every sweep (they change the points' names, as with
+--sweeps_root DIR puts every sweep at DIR/<name>. key=value overrides
+(anywhere on the line) go to every point of every sweep (they change the points' names, as with
 the sweep tool, so report needs the same ones as run). Exit status 2 for a
 bad sweep file or override (nothing run or written).
 """

@@ -52,13 +52,12 @@ class Collected:
 
 def sweep_of(study: Study, repo: pathlib.Path, overrides: list[str],
              sweeps_root: pathlib.Path | None) -> Sweep:
-  """The study's sweep file with the overrides; its sweep_dir moved under
-  `sweeps_root` (``<root>/<name>``) when one is given."""
+  """The study's sweep file with the overrides; its sweep_dir moved to
+  ``<sweeps_root>/<the file's stem>`` when a root is given (as ``run``
+  and the printed commands place it)."""
   path = repo / study.sweep
-  sweep = read_sweep(path)
-  if sweeps_root is not None:
-    sweep = read_sweep(path, str(sweeps_root / sweep.name))
-  return with_overrides(sweep, overrides)
+  root = None if sweeps_root is None else str(sweeps_root / path.stem)
+  return with_overrides(read_sweep(path, root), overrides)
 
 
 def collect(study: Study, repo: pathlib.Path, overrides: list[str] = (),
