@@ -262,6 +262,14 @@ def test_command_line(tmp_path, capsys):
   assert "python -m ultramem_jax.sweep run configs/sweeps/claim4_density.yaml" in printed
   assert main(["commands", "--at_scale"]) == 0
   assert "--sweep_dir" in capsys.readouterr().out
+  # run N: the sweep tool's run of each of the claim's files, with the
+  # overrides (before or after the options) and the tool's own options.
+  assert main(["run", "4", "train.steps=7", "--sweeps_root", str(tmp_path),
+               "optimizer.warmup_steps=1", "--", "--backend", "print"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 6 and all(
+      "train.steps=7" in l and "optimizer.warmup_steps=1" in l
+      and f"train.run_dir={tmp_path}/claim4_density/m" in l for l in lines)
   with pytest.raises(SystemExit):
     main(["report", "--out", str(tmp_path / "R.md"), "--claims", "9"])
   assert main(["report", "--out", str(tmp_path / "R.md"), "--claims", "4",
