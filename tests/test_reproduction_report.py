@@ -207,9 +207,9 @@ def test_tasks_and_density_verdicts(generated):
   t = generated["text"]
   task_rows = [l for l in t.splitlines() if l.startswith("| ultramem_v2 | 2 |")]
   assert any(f"0.610 ± {math.sqrt(2) * 0.01:.3f}" in l for l in task_rows)
-  mqar = _line(t, "| ultramem_v2 < moe (mqar")
+  mqar = _line(t, "| ultramem_v2 > moe (mqar accuracy) |")
   assert "| +0.2000 |" in mqar and "**reproduced**" in mqar
-  assert "**inconclusive at this scale**" in _line(t, "| ultramem_v2 < moe (niah")
+  assert "**inconclusive at this scale**" in _line(t, "| ultramem_v2 > moe (niah accuracy) |")
   dens = _line(t, "| m32 < m8 |")
   assert "| -0.2450 | 0.3002 | no | **inconclusive at this scale** | yes |" in dens
 

@@ -4,8 +4,9 @@ plot) and the overrides that run the same study at scale on an
 accelerator. docs/reproduction.md explains each choice.
 
 A comparison names two variants of its sweep (the sweep file's
-``variant`` axis); "A < B" claims A's loss (or, for accuracies, A's
-accuracy is higher) is better, "A <= B" is a parity claim (A not worse).
+``variant`` axis); "A < B" claims A's loss is lower, "A > B (task
+accuracy)" that A's accuracy is higher, "A <= B" is a parity claim (A not
+worse).
 Comparisons with ``verdict=False`` are reported but do not enter the
 claim's verdict (the dense reference, for example).
 """
@@ -37,8 +38,10 @@ class Part:
 
   @property
   def text(self) -> str:
-    op = "<=" if self.kind == "parity" else "<"
-    what = f" ({self.task} accuracy: higher is better)" if self.task else ""
+    """a < b for a loss, a > b (task accuracy) for tasks; <=, >= for parity."""
+    op = ">" if self.task else "<"
+    op += "=" if self.kind == "parity" else ""
+    what = f" ({self.task} accuracy)" if self.task else ""
     return f"{self.a} {op} {self.b}{what}"
 
 
