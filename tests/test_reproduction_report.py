@@ -2,7 +2,8 @@
 results: summaries, metrics and eval outputs written by hand in tmp_path
 for points of small sweep files, so nothing trains. The tables, the
 verdicts (numbers chosen so that each branch of the rule shows), the
-"not run" sections and the PNG and CSV files are checked."""
+"not run" sections and the PNG and CSV files are checked, and every
+claim's own sweep file resolves to valid points naming its contenders."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ import math
 import pytest
 import yaml
 
+from ultramem_jax.inspect import inspect_config
 from ultramem_jax.reproduction import collect as C
 from ultramem_jax.reproduction.__main__ import main
-from ultramem_jax.reproduction.claims import Claim, Part, Study
-from ultramem_jax.reproduction.document import results_markdown
-from ultramem_jax.sweep.points import resolve
+from ultramem_jax.reproduction.claims import CLAIMS, Claim, Part, Study
+from ultramem_jax.reproduction.document import results_markdown, study_overrides
+from ultramem_jax.sweep.points import resolve, with_overrides
 from ultramem_jax.sweep.spec import read_sweep
+from ultramem_jax.training.config import load_config
 from tests.test_sweep_spec import REPO
 
 STEPS = 5
@@ -216,8 +219,6 @@ def test_tasks_and_density_verdicts(generated):
 
 def test_decode_section(generated):
   t = generated["text"]
-  from ultramem_jax.inspect import inspect_config
-  from ultramem_jax.training.config import load_config
   moe = inspect_config(load_config(REPO / "configs/tiny_moe.yaml", []), batches=(8,))
   v2 = inspect_config(load_config(REPO / "configs/tiny_ultramem_v2.yaml", []), batches=(8,))
   mb, vb = moe["decode"][0]["param_bytes"], v2["decode"][0]["param_bytes"]
@@ -275,3 +276,21 @@ def test_command_line(tmp_path, capsys):
   assert main(["report", "--out", str(tmp_path / "R.md"), "--claims", "4",
                "--sweeps_root", str(tmp_path), "model.d_model=3"]) == 2
   assert not (tmp_path / "R.md").exists()
+
+
+def test_every_claim_sweep_resolves_and_names_its_contenders():
+  """Each claim's sweep file, as it stands and with its at-scale overrides,
+  gives valid points (as `sweep plan` checks them), two seeds per variant,
+  and every variant a comparison names."""
+  for claim in CLAIMS:
+    for study in claim.studies:
+      for scaled in (False, True):
+        sweep = with_overrides(read_sweep(REPO / study.sweep),
+                               study_overrides(study, [], scaled))
+        points = resolve(sweep)
+        variants = {p.variant for p in points}
+        assert sorted(p.seed for p in points) == sorted([0, 1] * len(variants))
+        for part in study.parts:
+          assert {part.a, part.b} <= variants, (study.sweep, part)
+        if scaled and study.at_scale:
+          assert all(p.cfg.data.batch_size == 256 for p in points)
