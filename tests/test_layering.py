@@ -28,7 +28,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
      "pallas_kernels.*"),
     ("ultramem_jax.model.*", "ultramem_jax.decode_cost"),
     ("ultramem_jax.training.*",),
-    ("ultramem_jax.evaluation.*", "ultramem_jax.inspect", "ultramem_jax.sweep.*"),
+    ("ultramem_jax.evaluation.*", "ultramem_jax.inspect", "ultramem_jax.sweep.*",
+     "ultramem_jax.reproduction.*"),
     ("train", "eval"),
     ("benchmarks.*",),
 )

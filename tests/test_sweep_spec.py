@@ -20,7 +20,7 @@ from ultramem_jax.config import ConfigError, to_dict
 from ultramem_jax.inspect import inspect_config
 from ultramem_jax.sweep import points as P
 from ultramem_jax.sweep.__main__ import main
-from ultramem_jax.sweep.execute import job_of
+from ultramem_jax.sweep.execute import job_of, job_state
 from ultramem_jax.sweep.print_backend import print_lines
 from ultramem_jax.sweep.spec import read_sweep
 from ultramem_jax.training.config import load_config
@@ -255,3 +255,32 @@ def test_report_means_stds_fits_and_unfinished_points(tmp_path, capsys):
                "task_accuracy"):
     png = (report / f"{name}.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_a_harness_eval_is_done_once_its_named_result_exists(tmp_path):
+  """evals: harness runs `eval.py harness` with the file's options; the
+  point is done once the file that command writes first exists, named by
+  its tasks, shots and limit (harness_report.stem_name)."""
+  harness = {"tasks": "local_mc", "include_path": "configs/harness", "limit": 3}
+  path = write_sweep(tmp_path / "h.yaml", config=str(DENSE), overrides=SHARED,
+                     evals=["loss", {"harness": harness}], sweep_dir=str(tmp_path / "out"))
+  sweep = read_sweep(path)
+  spec = sweep.evals[1]
+  assert spec.args == ("--tasks", "local_mc", "--include_path", "configs/harness",
+                       "--limit", "3")
+  assert spec.output(5) == "harness_step5_local_mc_limit3.json"
+  paper = type(spec)("harness", ("--tasks", "paper", "--num_fewshot", "0"))
+  assert paper.output(7) == "harness_step7_paper_0shot.json"
+  (point,) = P.resolve(sweep)
+  job = job_of(point, sweep)
+  assert job.evals[1] == ("harness_step5_local_mc_limit3.json",
+                          ("harness", "--run_dir", str(point.run_dir), *spec.args))
+  _write_point(point, 4.0, {"loss_step5.json": {"val_loss": 4.0}})
+  assert job_state(job) == "trained"
+  (point.run_dir / "eval" / "harness_step5_local_mc_limit3.json").write_text("{}")
+  assert job_state(job) == "done"
+  for bad, message in (({"tasks": "x", "taks": "x"}, "unrecognized arguments"),
+                       ({"limit": 3}, "required: --tasks")):
+    path.write_text(yaml.safe_dump({"config": str(DENSE), "evals": [{"harness": bad}]}))
+    with pytest.raises(ConfigError, match=f"eval.py refuses it: .*{message}"):
+      read_sweep(path)

@@ -91,11 +91,10 @@ def markdown(rows: list[dict], header: str) -> str:
   return "\n".join(lines) + "\n"
 
 
-def report_stem(out: pathlib.Path, step: int, names: list[str], paper: bool,
-                num_fewshot: int | None, limit: float | None) -> pathlib.Path:
-  """``OUT/harness_step<N>_<tasks>[_<k>shot][_limit<L>]``, with ``-2``,
-  ``-3``, ... appended when that name is taken: earlier results are never
-  overwritten."""
+def stem_name(step: int, names: list[str], paper: bool,
+              num_fewshot: int | None, limit: float | None) -> str:
+  """``harness_step<N>_<tasks>[_<k>shot][_limit<L>]``: the name of a run's
+  first result for these options (the sweep tool looks for it)."""
   tag = "paper" if paper else re.sub(r"[^A-Za-z0-9_.-]+", "-", "+".join(names))
   if len(tag) > 60:
     tag = tag[:48] + "-" + hashlib.sha1(tag.encode()).hexdigest()[:8]
@@ -104,6 +103,14 @@ def report_stem(out: pathlib.Path, step: int, names: list[str], paper: bool,
     stem += f"_{num_fewshot}shot"
   if limit is not None:
     stem += f"_limit{limit:g}"
+  return stem
+
+
+def report_stem(out: pathlib.Path, step: int, names: list[str], paper: bool,
+                num_fewshot: int | None, limit: float | None) -> pathlib.Path:
+  """``OUT/`` + :func:`stem_name`, with ``-2``, ``-3``, ... appended when
+  that name is taken: earlier results are never overwritten."""
+  stem = stem_name(step, names, paper, num_fewshot, limit)
   candidate, n = stem, 1
   while ((out / f"{candidate}.json").exists()
          or (out / f"{candidate}.md").exists()):

@@ -15,6 +15,7 @@ A sweep file is YAML (``configs/sweeps/*.yaml``)::
         config: [../tiny_dense.yaml, ../tiny_moe.yaml]
     seeds: [0, 1]                      # train.seed, the innermost axis
     evals: [loss, {tasks: {tasks: mqar, n: 100}}]   # eval.py after training
+                                       # (loss, tasks, harness)
     resources: {num_cpus: 1, num_gpus: 0, custom: {TPU: 4}}  # per point (ray)
     retries: 1                         # reruns of a failed point (ray)
     env: {XLA_FLAGS: "..."}            # environment of each point's processes
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import io
 import pathlib
 from typing import Any
@@ -45,8 +47,13 @@ from ultramem_jax.evaluation import tasks as eval_tasks
 CONFIG_KEY, VARIANT_KEY, SEED_KEY = "config", "variant", "train.seed"
 # The eval.py subcommands a sweep can run after training, and the file each
 # writes under RUN/eval for the final step (how a finished one is known).
+# The harness's module is named, not imported: lm-eval takes seconds to
+# import, so only a sweep that runs it pays for it. Its file's name
+# depends on its options (``harness_output``).
+HARNESS = "ultramem_jax.evaluation.harness"
 EVALS = {"loss": (eval_loss, "loss_step{step}.json"),
-         "tasks": (eval_tasks, "tasks_step{step}.json")}
+         "tasks": (eval_tasks, "tasks_step{step}.json"),
+         "harness": (HARNESS, None)}
 # Options an eval may not set: the sweep chooses what is evaluated and where.
 _EVAL_FIXED = ("run_dir", "step", "out", "config", "checkpoint", "tokenizer")
 _TOP_KEYS = ("name", "sweep_dir", "config", "overrides", "grid", "zip", "seeds",
@@ -72,7 +79,34 @@ class EvalSpec:
 
   def output(self, step: int) -> str:
     """The file under RUN/eval that says this evaluation is done."""
-    return EVALS[self.kind][1].format(step=step)
+    pattern = EVALS[self.kind][1]
+    return (harness_output(self.args, step) if pattern is None
+            else pattern.format(step=step))
+
+
+def eval_module(kind: str):
+  """The evaluation module of eval.py's subcommand `kind`."""
+  module = EVALS[kind][0]
+  return importlib.import_module(module) if isinstance(module, str) else module
+
+
+def _eval_parser(kind: str) -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="eval.py", add_help=False)
+  eval_module(kind).add_parser(parser.add_subparsers(dest="command"))
+  return parser
+
+
+def harness_output(args: tuple[str, ...], step: int) -> str:
+  """The result file ``eval.py harness ARGS`` writes first for `step`
+  (``harness_report.stem_name``): the tasks, shots and limit name it."""
+  # Imported here, as the harness module is (EVALS): both import lm-eval.
+  harness_report = importlib.import_module("ultramem_jax.evaluation.harness_report")
+  harness_tasks = importlib.import_module("ultramem_jax.evaluation.harness_tasks")
+  ns = _eval_parser("harness").parse_args(["harness", "--run_dir", "RUN", *args])
+  names = harness_tasks.parse_tasks(ns.tasks)
+  paper = list(names) == list(harness_tasks.PAPER_TASKS)
+  return harness_report.stem_name(step, names, paper, ns.num_fewshot,
+                                  ns.limit) + ".json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,8 +178,7 @@ def _eval_spec(path, i: int, item: Any) -> EvalSpec:
 
 def _check_eval_args(path, key: str, kind: str, args: list[str]) -> None:
   """eval.py's parser accepts `args` (its message on stderr otherwise)."""
-  parser = argparse.ArgumentParser(prog="eval.py", add_help=False)
-  EVALS[kind][0].add_parser(parser.add_subparsers(dest="command"))
+  parser = _eval_parser(kind)
   err = io.StringIO()
   try:
     with contextlib.redirect_stderr(err):

@@ -1,0 +1,177 @@
+"""One study's part of RESULTS.md: its command, its table (mean ± sample
+std over the finished seeds, n, tokens, inspect's activated and total
+non-embedding parameters), its comparisons with the verdict rule's
+numbers, its PNG and its CSV (every point, ``sweep report``'s columns).
+A study with no finished point says "not run" and gives the command;
+nothing is filled in."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+from ultramem_jax.reproduction import collect as C
+from ultramem_jax.reproduction import figures
+from ultramem_jax.reproduction.claims import Part, Study
+from ultramem_jax.reproduction.verdict import (Verdict, mean_std,
+                                               needs_third_seed, verdict)
+from ultramem_jax.sweep.execute import portable
+from ultramem_jax.sweep.report import WITH_NUMBERS, write_csv
+
+NOT_RUN = "not run"
+
+
+@dataclasses.dataclass(frozen=True)
+class PartResult:
+  part: Part
+  verdict: Verdict | None   # None: a contender has no finished seed
+  third_seed: bool
+
+  @property
+  def word(self) -> str:
+    return self.verdict.verdict if self.verdict else NOT_RUN
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyResult:
+  study: Study
+  ran: bool
+  parts: tuple[PartResult, ...]
+  lines: tuple[str, ...]
+  files: tuple[pathlib.Path, ...]
+
+
+def commands(study: Study, overrides: list[str], sweeps_root: str | None,
+             out: str) -> list[str]:
+  """The commands that produce this study's rows of `out`."""
+  extra = "".join(f" {o}" for o in overrides)
+  root = f" --sweep_dir {sweeps_root}/{pathlib.Path(study.sweep).stem}" if sweeps_root else ""
+  report_root = f" --sweeps_root {sweeps_root}" if sweeps_root else ""
+  return [f"python -m ultramem_jax.sweep run {study.sweep}{extra}{root}",
+          f"python -m ultramem_jax.reproduction report --out {out}{extra}{report_root}"]
+
+
+def _cell(vals: list[float], digits: int) -> str:
+  if not vals:
+    return "-"
+  mean, std = mean_std(vals)
+  return (f"{mean:.{digits}f} ± {std:.{digits}f}" if std is not None
+          else f"{mean:.{digits}f}")
+
+
+def _metrics(c: C.Collected) -> list[tuple[str, str, int]]:
+  """(column title, row key, digits) of the study's table."""
+  if c.study.metric == "tasks":
+    tasks: list[str] = []
+    for r in c.rows:
+      tasks += [k[4:] for k in r if k.startswith("acc_") and k[4:] not in tasks]
+    return [(f"{t} accuracy", f"acc_{t}", 3) for t in tasks]
+  return [("eval.py loss (nats/token)", "eval_loss", 4)]
+
+
+def table(c: C.Collected) -> list[str]:
+  metrics = _metrics(c)
+  head = ["variant", "n seeds", "tokens per run", "activated (non-emb.)",
+          "total (non-emb.)", *[m[0] for m in metrics], "tokens/s", "not finished"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for v in c.variants():
+    first, done = c.first_row(v), c.finished(v)
+    unfinished = [f"s{r['seed']} {r['state']}" for r in c.rows
+                  if r["variant"] == v and r["state"] not in WITH_NUMBERS]
+    rate = C.values(c, v, "tokens_per_sec")
+    lines.append("| " + " | ".join(
+        [v, str(len(done)), f"{first['tokens']:,}",
+         f"{first['activated_non_embedding_params']:,}",
+         f"{first['non_embedding_params']:,}",
+         *[_cell(C.values(c, v, key), d) for _, key, d in metrics],
+         f"{mean_std(rate)[0]:,.0f}" if rate else "-",
+         ", ".join(unfinished) or "-"]) + " |")
+  return lines
+
+
+def harness_line(c: C.Collected) -> list[str]:
+  """For a sweep that runs eval.py harness: how many finished points wrote
+  its result and their accuracy per variant (a smoke test, not a claim)."""
+  found = C.harness_accuracy(c)
+  if found is None:
+    return []
+  done = sum(len(v) for per in found.values() for v in per.values())
+  cells = [f"{task} {variant} {_cell(v, 3)} (n={len(v)})"
+           for task, per in found.items() for variant, v in per.items()]
+  return [f"eval.py harness, a smoke test of the pipeline and not a claim: "
+          f"{done} result(s) from {sum(len(c.finished(v)) for v in c.variants())} "
+          f"finished point(s)" + (f"; accuracy {'; '.join(cells)}" if cells else "")
+          + ".", ""]
+
+
+def judge(c: C.Collected, part: Part) -> PartResult:
+  key = C.metric_key(c.study, part.task)
+  a, b = C.values(c, part.a, key), C.values(c, part.b, key)
+  if not a or not b:
+    return PartResult(part, None, True)
+  return PartResult(part, verdict(a, b, part.kind,
+                                  higher_is_better=c.study.metric == "tasks"),
+                    needs_third_seed(a, b))
+
+
+def comparisons(results: list[PartResult]) -> list[str]:
+  lines = ["| comparison | mean A | mean B | A - B | 2 x pooled std | counts | "
+           "verdict | third seed due |", "|---|---|---|---|---|---|---|---|"]
+  for r in results:
+    note = "" if r.part.verdict else " (reported, not in the verdict)"
+    if r.verdict is None:
+      lines.append(f"| {r.part.text}{note} | - | - | - | - | - | {NOT_RUN} | - |")
+      continue
+    c = r.verdict.comparison
+    thr = "-" if c.threshold is None else f"{c.threshold:.4f}"
+    lines.append(f"| {r.part.text}{note} | {c.mean_a:.4f} (n={c.n_a}) | "
+                 f"{c.mean_b:.4f} (n={c.n_b}) | {c.diff:+.4f} | {thr} | "
+                 f"{'yes' if c.counts else 'no'} | **{r.verdict.verdict}** | "
+                 f"{'yes' if r.third_seed else 'no'} |")
+  return lines
+
+
+def figure(c: C.Collected, assets: pathlib.Path) -> pathlib.Path:
+  name, s = c.sweep.name, c.study
+  title = f"{name} ({s.label})"
+  if s.plot == "tasks":
+    return figures.task_accuracy(assets / f"{name}_accuracy_by_length.png",
+                                 C.accuracy_by_length(c), title)
+  if s.plot == "density":
+    pts = [(float(C.setting(c, v, "model.memory.top_m") or 0),
+            C.values(c, v, "eval_loss"), v) for v in c.variants()]
+    return figures.loss_vs_m(assets / f"{name}_loss_vs_m.png", pts, title)
+  return figures.loss_curves(assets / f"{name}_loss_curves.png", C.curves(c), title)
+
+
+def study_report(c: C.Collected, assets: pathlib.Path, out_dir: pathlib.Path,
+                 cmds: list[str]) -> StudyResult:
+  """The study's markdown lines, part verdicts and written files."""
+  s = c.study
+  lines = [f"### {s.label}: `{s.sweep}`", "", "```bash", *cmds, "```", ""]
+  if not c.any_finished():
+    states = sorted({r["state"] for r in c.rows})
+    lines += [f"**{NOT_RUN}**: none of its {len(c.rows)} points has finished "
+              f"training in `{portable(c.sweep.sweep_dir)}` (states: {', '.join(states)}). "
+              "Run the commands above.", ""]
+    parts = tuple(PartResult(p, None, True) for p in s.parts)
+    return StudyResult(s, False, parts, tuple(lines), ())
+  assets.mkdir(parents=True, exist_ok=True)
+  csv_path = assets / f"{c.sweep.name}.csv"
+  write_csv(csv_path, list(c.rows))
+  png = figure(c, assets)
+  parts = tuple(judge(c, p) for p in s.parts)
+  rel = lambda p: p.relative_to(out_dir) if p.is_relative_to(out_dir) else p
+  lines += ["Mean ± sample standard deviation over the finished seeds; "
+            "parameters from inspect.", "", *table(c), "",
+            *comparisons(list(parts)), "", *harness_line(c),
+            f"![{c.sweep.name}]({rel(png)})", "",
+            f"Every point: [{rel(csv_path)}]({rel(csv_path)}).", ""]
+  return StudyResult(s, True, parts, tuple(lines), (csv_path, png))
+
+
+def study_verdicts(results: list[StudyResult]) -> list[str]:
+  """The words of the parts that enter the verdict and ran."""
+  return [p.word for r in results for p in r.parts
+          if p.part.verdict and p.verdict is not None]
+
