@@ -10,15 +10,15 @@ import subprocess
 
 import pytest
 
-from conftest import make_documents
+from conftest import environment_without_compilation_cache, make_documents
 from test_robustness import (REPO, _train_cmd, checkpoint_steps, damage_checkpoint,
                              logged_losses, small)
 from ultramem_jax.training.trainer import train
 
 
-def _start(cmd):
+def _start(cmd, env=None):
   return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+                          stderr=subprocess.PIPE, text=True, env=env)
 
 
 def _signal_after(proc, prefix: str) -> list[str]:
@@ -59,7 +59,8 @@ def test_sigterm_while_the_data_is_prepared_says_so(tmp_path, big_text):
 
 def test_sigterm_while_compiling_does_not_claim_a_checkpoint(tmp_path, text_dir):
   run = tmp_path / "run"
-  proc = _start(_train_cmd(run, text_dir, 20))
+  # Without the tests' compilation cache, so the step really compiles.
+  proc = _start(_train_cmd(run, text_dir, 20), env=environment_without_compilation_cache())
   lines = _signal_after(proc, "model: ")  # built; the step compiles next
   out, err = proc.communicate(timeout=120)
   out = "".join(lines) + out
