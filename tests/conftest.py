@@ -27,6 +27,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
+# A process killed by a test (SIGKILL) while it writes an entry leaves it
+# cut short; whoever reads it then compiles the program itself, and JAX's
+# warning about it must not reach the stderr the tests read.
+os.environ["PYTHONWARNINGS"] = ",".join(
+    [f"ignore:Error {verb} persistent compilation cache entry:UserWarning"
+     for verb in ("reading", "writing")]
+    + [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w])
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
