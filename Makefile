@@ -27,12 +27,14 @@ train: fetch
 
 # 8 emulated CPU devices, as the sharding tests expect. Two pytest workers
 # (one per core of the reference machine), each taking whole files so
-# module fixtures are built once; XLA's cheaper LLVM passes, since the tests
-# spend most of their time compiling small programs. TEST_WORKERS=0 runs in
-# one process.
+# module fixtures are built once, the longest files first (the order of
+# tests/conftest.py, which xdist's reordering would undo); XLA's cheaper
+# LLVM passes, since the tests spend most of their time compiling small
+# programs. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 TEST_XLA_FLAGS ?= --xla_force_host_platform_device_count=8 \
   --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true
 test: install
 	XLA_FLAGS="$(TEST_XLA_FLAGS)" JAX_PLATFORMS=cpu \
-	  $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	  $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
+	  $(PYTEST_ARGS)

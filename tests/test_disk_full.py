@@ -12,6 +12,7 @@ import errno
 import hashlib
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -54,12 +55,20 @@ def small_disk(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, text_dir):
-  """train/loss by step of an uninterrupted run of the same config."""
-  root = tmp_path_factory.mktemp("reference")
+def six_steps(tmp_path_factory, text_dir):
+  """An uninterrupted run of the config, checkpoints 2, 4 and 6, trained
+  once for the module: the reference losses, and copied by the fixtures
+  below."""
+  root = tmp_path_factory.mktemp("six_steps")
   train(small(root, text_dir, f"train.steps={STEPS}", "train.checkpoint_every=2"),
         log=lambda s: None)
-  return logged_losses(root / "run")
+  return root / "run"
+
+
+@pytest.fixture(scope="module")
+def reference(six_steps):
+  """train/loss by step of an uninterrupted run of the same config."""
+  return logged_losses(six_steps)
 
 
 def _cmd(run, text_dir, steps=STEPS, every=2):
@@ -150,12 +159,14 @@ def test_a_write_that_runs_out_of_space_stops_the_run_promptly(small_disk, text_
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory, text_dir):
-  """A run with checkpoints 2 and 4."""
-  root = tmp_path_factory.mktemp("saved")
-  train(small(root, text_dir, "train.steps=4", "train.checkpoint_every=2"),
-        log=lambda s: None)
-  return root / "run"
+def saved(tmp_path_factory, six_steps):
+  """A run with checkpoints 2 and 4: a copy of the 6-step run without its
+  checkpoint 6 (the checkpointer sees only the step directories)."""
+  run = tmp_path_factory.mktemp("saved") / "run"
+  shutil.copytree(six_steps, run)
+  shutil.rmtree(run / "checkpoints" / "6")
+  assert checkpoint_steps(run) == [2, 4]
+  return run
 
 
 def test_save_refused_when_the_free_space_is_below_the_last_checkpoint(
@@ -206,13 +217,11 @@ def test_a_failed_async_write_surfaces_at_the_next_check(saved, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def damaged(tmp_path_factory, text_dir):
+def damaged(tmp_path_factory, six_steps):
   """A run with checkpoints 2, 4 and 6 whose 6 has every array file cut to
-  half its length."""
-  root = tmp_path_factory.mktemp("damaged")
-  train(small(root, text_dir, "train.steps=6", "train.checkpoint_every=2"),
-        log=lambda s: None)
-  run = root / "run"
+  half its length (a copy of the 6-step run)."""
+  run = tmp_path_factory.mktemp("damaged") / "run"
+  shutil.copytree(six_steps, run)
   damage_checkpoint(run / "checkpoints" / "6")
   return run
 

@@ -51,22 +51,27 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def environment(devices: int) -> dict[str, str]:
+def environment(devices: int, compilation_cache: bool = True) -> dict[str, str]:
   """CPU with `devices` emulated devices. Less LLVM optimisation compiles
   faster (the same for both runs); proxy variables can stall the
-  coordinator's connections, and everything here is on localhost."""
+  coordinator's connections, and everything here is on localhost. Without
+  `compilation_cache`, the tests' cache (conftest.py) is off: programs that
+  no other test compiles only cost the writing of their entries."""
   env = {k: v for k, v in os.environ.items() if "_proxy" not in k.lower()}
   env["JAX_PLATFORMS"] = "cpu"
+  if not compilation_cache:
+    env["JAX_COMPILATION_CACHE_DIR"] = ""
   env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
                       "--xla_backend_optimization_level=0 "
                       "--xla_llvm_disable_expensive_passes=true")
   return env
 
 
-def start(args: list[str], devices: int, log: pathlib.Path) -> subprocess.Popen:
+def start(args: list[str], devices: int, log: pathlib.Path,
+          compilation_cache: bool = True) -> subprocess.Popen:
   with log.open("w") as out:
     return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT,
-                            env=environment(devices), stdout=out,
+                            env=environment(devices, compilation_cache), stdout=out,
                             stderr=subprocess.STDOUT)
 
 
@@ -100,10 +105,12 @@ def test_two_processes_train_like_one(tmp_path, text_dir):
   common = [*TINY_V2, f"data.source={text_dir}"]
   logs = [tmp_path / "process0.log", tmp_path / "process1.log", tmp_path / "one.log"]
   procs = [start([f"--coordinator=localhost:{port}", "--num_processes=2",
-                  f"--process_id={i}", *common, f"train.run_dir={two}"], 4, logs[i])
+                  f"--process_id={i}", *common, f"train.run_dir={two}"], 4, logs[i],
+                 compilation_cache=False)
            for i in range(2)]
   # The reference run at the same time: the three share the cores anyway.
-  procs.append(start([*common, f"train.run_dir={one}"], 8, logs[2]))
+  procs.append(start([*common, f"train.run_dir={one}"], 8, logs[2],
+                     compilation_cache=False))
   wait_all(procs, logs)
   out = [log.read_text() for log in logs]
   for proc, text in zip(procs, out):
