@@ -56,7 +56,8 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 LONGEST_FIRST = (
     "test_robustness.py", "test_pod_failure.py", "test_sweep_run.py",
     "test_pallas_kernels.py", "test_benchmarks.py", "test_memory_training.py",
-    "test_memory_layer.py", "test_disk_full.py", "test_sharding.py", "test_moe.py",
+    "test_memory_layer.py", "test_disk_full.py", "test_sharding.py",
+    "test_host_tables.py", "test_moe.py",
     "test_multiprocess.py", "test_training.py", "test_scan_layers.py",
     "test_checkpoint_reshard.py", "test_grad_accum.py", "test_harness.py")
 
