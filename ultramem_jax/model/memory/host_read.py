@@ -43,11 +43,12 @@ from pallas_kernels.reference import ACTIVATIONS, pre_value_dot, weighted_rows_s
 
 HOST, DEVICE = jax.memory.Space.Host, jax.memory.Space.Device
 
-# ``model.memory.host_read: auto`` by backend. On the CPU ``sum`` is
-# measured no slower than ``rows`` at batch 1 and 8 and faster at 64
-# (BENCHMARKS.md, decode, "Host tables"); on GPU and TPU it moves S times
-# fewer bytes over the host link for the same host reads (not measured:
-# no accelerator was available).
+# ``model.memory.host_read: auto`` by backend. On the CPU the two were
+# within noise of each other and of device tables at batch 1, 8 and 64
+# (227M UltraMemV2, BENCHMARKS.md, decode, "Host tables"), and ``sum``
+# moves 26x fewer bytes; on GPU and TPU it moves S times fewer bytes over
+# the host link for the same host reads (not measured: no accelerator was
+# available).
 AUTO_HOST_READ = {"cpu": "sum", "gpu": "sum", "tpu": "sum"}
 
 
