@@ -10,29 +10,12 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ultramem_jax.reproduction.verdict import mean_std
-
-
-def _save(fig: Figure, path: pathlib.Path) -> pathlib.Path:
-  fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path)
-  return path
+from ultramem_jax.sweep.plots import plot_loss_vs_tokens, save
 
 
 def loss_curves(path: pathlib.Path, curves: dict, title: str) -> pathlib.Path:
-  """{variant: (tokens, mean, std)}: mean validation loss, ±1 std band."""
-  fig = Figure(figsize=(7, 4.5), dpi=100)
-  ax = fig.subplots()
-  for variant, (x, mean, std) in curves.items():
-    (line,) = ax.plot(x, mean, "o-", ms=3, lw=1.2, label=variant)
-    ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-  ax.set_xlabel("training tokens")
-  ax.set_ylabel("validation loss (nats/token)")
-  ax.set_title(title + " (mean over seeds, band ±1 std)", fontsize=10)
-  ax.grid(alpha=0.3)
-  if curves:
-    ax.legend(fontsize=8)
-  return _save(fig, path)
+  """{variant: (tokens, mean, std)}: the sweep report's loss plot."""
+  return plot_loss_vs_tokens(path, curves, title)
 
 
 def task_accuracy(path: pathlib.Path, by_length: dict, title: str) -> pathlib.Path:
@@ -55,7 +38,7 @@ def task_accuracy(path: pathlib.Path, by_length: dict, title: str) -> pathlib.Pa
   if by_length:
     axes[0].legend(fontsize=8)
   fig.suptitle(title, fontsize=10)
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def loss_vs_m(path: pathlib.Path, points: list[tuple[float, list[float], str]],
@@ -77,7 +60,7 @@ def loss_vs_m(path: pathlib.Path, points: list[tuple[float, list[float], str]],
   ax.set_ylabel("eval.py validation loss (nats/token)")
   ax.set_title(title, fontsize=10)
   ax.grid(alpha=0.3)
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def decode_bytes(path: pathlib.Path, rows: list[dict]) -> pathlib.Path:
@@ -103,4 +86,4 @@ def decode_bytes(path: pathlib.Path, rows: list[dict]) -> pathlib.Path:
   ax.grid(alpha=0.3, which="both")
   if rows:
     ax.legend(fontsize=7)
-  return _save(fig, path)
+  return save(fig, path)

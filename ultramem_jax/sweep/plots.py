@@ -40,14 +40,16 @@ def loss_curves(rows: list[dict], run_dirs: dict[str, pathlib.Path],
   return out
 
 
-def _save(fig: Figure, path: pathlib.Path) -> pathlib.Path:
+def save(fig: Figure, path: pathlib.Path) -> pathlib.Path:
   fig.tight_layout()
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path)
   return path
 
 
-def plot_loss_vs_tokens(path: pathlib.Path, curves: dict) -> pathlib.Path:
+def plot_loss_vs_tokens(path: pathlib.Path, curves: dict,
+                        title: str = "Validation loss") -> pathlib.Path:
+  """{group: (tokens, mean, std)}: mean validation loss, ±1 std band."""
   fig = Figure(figsize=(7, 4.5), dpi=100)
   ax = fig.subplots()
   for group, (x, mean, std) in curves.items():
@@ -55,11 +57,11 @@ def plot_loss_vs_tokens(path: pathlib.Path, curves: dict) -> pathlib.Path:
     ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
   ax.set_xlabel("training tokens")
   ax.set_ylabel("validation loss (nats/token)")
-  ax.set_title("Validation loss (mean, band: ±1 std over seeds)")
+  ax.set_title(title + " (mean, band: ±1 std over seeds)", fontsize=10)
   ax.grid(alpha=0.3)
   if curves:
     ax.legend(fontsize=8)
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def plot_scaling(path: pathlib.Path, stats: list[dict], xkey: str, xlabel: str,
@@ -93,7 +95,7 @@ def plot_scaling(path: pathlib.Path, stats: list[dict], xkey: str, xlabel: str,
   ax.grid(alpha=0.3, which="both")
   if by_variant:
     ax.legend(fontsize=8)
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def plot_task_accuracy(path: pathlib.Path, stats: list[dict],
@@ -114,4 +116,4 @@ def plot_task_accuracy(path: pathlib.Path, stats: list[dict],
   ax.set_ylim(0, 1)
   ax.grid(alpha=0.3, axis="y")
   ax.legend(fontsize=8)
-  return _save(fig, path)
+  return save(fig, path)
