@@ -120,8 +120,7 @@ def host_transfer_bytes(cfg, batch: int, host_read: str | None = None) -> dict:
     B * S * hc), the pre-value inputs (B * Dp) and, with E value blocks,
     the blocks' one-hots (B * S * E); to the device the read, B * E * Dv.
 
-  `host_read` defaults to the config's, ``auto`` resolved as on this
-  process's backend."""
+  `host_read` defaults to the config's (``auto``: ``sum``)."""
   m = cfg.model
   mem = m.memory
   mode = resolve_host_read(host_read or mem.host_read)

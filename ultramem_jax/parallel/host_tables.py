@@ -77,12 +77,21 @@ def tables_to_host(state: Any) -> Any:
   return jax.tree_util.tree_map_with_path(move, state)
 
 
+def local_devices(mesh) -> list[jax.Device]:
+  """The devices of `mesh` this process drives."""
+  return [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+
+
+def on_host(x: jax.Array) -> bool:
+  """Whether array `x` lives in host memory."""
+  return getattr(x.sharding, "memory_kind", None) == HOST_KIND
+
+
 def host_table_bytes(abstract_state: Any, mesh) -> int:
   """Bytes of host memory this process needs for the tables of
   `abstract_state` placed by :func:`host_target`: one shard per local
   device of the mesh."""
-  local = sum(1 for d in mesh.devices.flat
-              if d.process_index == jax.process_index())
+  local = len(local_devices(mesh))
   total = 0
   for path, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
     if is_table_path(path):

@@ -48,6 +48,7 @@ from jax.experimental.compute_on import compute_on
 import orbax.checkpoint as ocp
 
 from ultramem_jax.config import ConfigError
+from ultramem_jax.parallel.host_tables import on_host
 
 logger = logging.getLogger(__name__)
 
@@ -164,16 +165,12 @@ def fingerprint(state: Any) -> dict[str, int]:
   leaves = {k: v for k, v in _leaves(state).items()
             if isinstance(v, jax.Array) and not jax.dtypes.issubdtype(
                 v.dtype, jax.dtypes.prng_key)}
-  host = [k for k, v in leaves.items() if _on_host(v)]
-  device = [k for k in leaves if k not in set(host)]
+  host = [k for k, v in leaves.items() if on_host(v)]
+  device = [k for k, v in leaves.items() if not on_host(v)]
   values = dict(zip(device, jax.device_get(_fingerprints([leaves[k] for k in device]))))
   if host:   # tables in host memory (table_memory=host): summed on the host
     values.update(zip(host, jax.device_get(_host_fingerprints([leaves[k] for k in host]))))
   return {k: int(values[k]) for k in leaves}
-
-
-def _on_host(x: jax.Array) -> bool:
-  return getattr(x.sharding, "memory_kind", None) == "pinned_host"
 
 
 @jax.jit

@@ -165,7 +165,7 @@ def check_host_tables(abstract_state, mesh) -> None:
   MemAvailable of /proc/meminfo. Called before anything is restored or
   compiled."""
   key = "model.memory.table_memory"
-  local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+  local = host_tables.local_devices(mesh)
   missing = host_tables.devices_without_host_memory(local)
   if missing:
     kinds = ", ".join(sorted(host_tables.memory_kinds(missing[0]))) or "none reported"

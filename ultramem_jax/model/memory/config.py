@@ -116,8 +116,8 @@ class MemoryConfig:
   table_memory: Literal["device", "host"] = "device"
   # With table_memory=host, what runs on the host: "rows" (the gather; the
   # kept rows are copied to the device), "sum" (the gather, pre-value dots
-  # and weighted sum; only the read output is copied) or "auto" (by backend,
-  # host_read.AUTO_HOST_READ).
+  # and weighted sum; only the read output is copied) or "auto"
+  # (host_read.AUTO_HOST_READ, "sum").
   host_read: Literal["rows", "sum", "auto"] = "auto"
 
   @property

@@ -43,20 +43,18 @@ from pallas_kernels.reference import ACTIVATIONS, pre_value_dot, weighted_rows_s
 
 HOST, DEVICE = jax.memory.Space.Host, jax.memory.Space.Device
 
-# ``model.memory.host_read: auto`` by backend. On the CPU the two were
-# within noise of each other and of device tables at batch 1, 8 and 64
+# ``model.memory.host_read: auto``, on every backend. On the CPU the two
+# were within noise of each other and of device tables at batch 1, 8 and 64
 # (227M UltraMemV2, BENCHMARKS.md, decode, "Host tables"), and ``sum``
 # moves 26x fewer bytes; on GPU and TPU it moves S times fewer bytes over
 # the host link for the same host reads (not measured: no accelerator was
 # available).
-AUTO_HOST_READ = {"cpu": "sum", "gpu": "sum", "tpu": "sum"}
+AUTO_HOST_READ = "sum"
 
 
-def resolve_host_read(host_read: str, backend: str | None = None) -> str:
-  """``rows`` or ``sum`` for the setting (``auto``: by backend)."""
-  if host_read != "auto":
-    return host_read
-  return AUTO_HOST_READ.get(backend or jax.default_backend(), "sum")
+def resolve_host_read(host_read: str) -> str:
+  """``rows`` or ``sum`` for the setting (``auto``: AUTO_HOST_READ)."""
+  return AUTO_HOST_READ if host_read == "auto" else host_read
 
 
 def gather_rows(table: jax.Array, slots: jax.Array) -> jax.Array:
