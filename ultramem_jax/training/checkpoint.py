@@ -91,13 +91,17 @@ def _from_orbax(obj) -> bool:
 
 
 class _QuietAbandonedWrites(logging.Filter):
-  """Drops orbax's logged copies of an out-of-space error (each array's
-  write logs its own traceback); the error itself reaches the trainer."""
+  """Drops the logged copies of an out-of-space error from orbax's writes:
+  orbax's own (each array's write logs its traceback) and asyncio's "Task
+  exception was never retrieved" for an orbax write task that failed after
+  the first failure was taken (logged when the task is collected, possibly at
+  exit). The error itself reaches the trainer, which reports it once."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if record.levelno < logging.ERROR or "orbax" not in record.pathname:
-      return True
     text = record.getMessage()
+    if record.levelno < logging.ERROR or not (
+        "orbax" in record.pathname or "orbax" in text):
+      return True
     if record.exc_info and record.exc_info[1] is not None:
       text += str(record.exc_info[1])
     return not any(mark in text for mark in _NO_SPACE)
@@ -123,7 +127,9 @@ def _install_quiet_hooks() -> None:
 
   hook._ultramem_quiet = True
   sys.unraisablehook = hook
-  logging.getLogger("absl").addFilter(_QuietAbandonedWrites())
+  quiet = _QuietAbandonedWrites()
+  logging.getLogger("absl").addFilter(quiet)
+  logging.getLogger("asyncio").addFilter(quiet)
 
 
 def _path_str(path) -> str:
