@@ -213,11 +213,12 @@ def test_a_failed_async_write_surfaces_at_the_next_check(saved, monkeypatch):
   assert checkpoint_steps(saved) == [2, 4]
 
 
-def _abandoned_task(filename: str, error: Exception) -> None:
-  """Runs, in its own event loop, a task whose coroutine (compiled as if
-  defined in `filename`) raises `error`, and drops it unretrieved: asyncio
-  logs "Task exception was never retrieved" when the task is collected, as
-  it does for orbax's parallel array writes after the first has failed."""
+def _abandoned(filename: str, error: Exception, gathered: bool) -> None:
+  """Runs, in its own event loop, a coroutine (compiled as if defined in
+  `filename`) that raises `error`, as a task or inside asyncio.gather, and
+  drops the task or the gathering future unretrieved: asyncio logs "...
+  exception was never retrieved" when it is collected, as it does for
+  orbax's parallel array writes after the first has failed."""
   import asyncio
   import gc
   scope: dict = {}
@@ -225,28 +226,32 @@ def _abandoned_task(filename: str, error: Exception) -> None:
        {"error": error}, scope)
 
   async def main():
-    task = asyncio.ensure_future(scope["write"]())
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
-    del task
+    future = (asyncio.gather(scope["write"]()) if gathered
+              else asyncio.ensure_future(scope["write"]()))
+    for _ in range(3):
+      await asyncio.sleep(0)
+    del future
 
   asyncio.run(main())
   gc.collect()
 
 
+NO_SPACE = ("RESOURCE_EXHAUSTED: Failed to write 3264 bytes to file 6: No space left "
+            "on device [os_error_code='28']")
+
+
 @pytest.mark.parametrize("defined_in, error, logged", [
-    ("/x/orbax/checkpoint/serialization.py", ValueError(
-        "RESOURCE_EXHAUSTED: Failed to write 3264 bytes to file 6: No space left "
-        "on device [os_error_code='28']"), False),
+    ("/x/orbax/checkpoint/serialization.py", ValueError(NO_SPACE), False),
     ("/x/orbax/checkpoint/serialization.py", ValueError("another failure"), True),
     ("/x/elsewhere/serialization.py", OSError(errno.ENOSPC, "No space left on device"),
      True),
 ])
+@pytest.mark.parametrize("gathered", [False, True], ids=["task", "gather"])
 def test_an_abandoned_orbax_write_out_of_space_is_not_logged_again(
-    tmp_path, defined_in, error, logged, caplog):
+    tmp_path, defined_in, error, logged, gathered, caplog):
   Checkpointer(tmp_path / "checkpoints", 3).close()  # installs the filters
   with caplog.at_level("ERROR", logger="asyncio"):
-    _abandoned_task(defined_in, error)
+    _abandoned(defined_in, error, gathered)
   # caplog's handler sits on the root logger, so it sees what the asyncio
   # logger's filters let through.
   found = [r for r in caplog.records if "never retrieved" in r.getMessage()]

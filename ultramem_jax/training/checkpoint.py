@@ -99,12 +99,24 @@ class _QuietAbandonedWrites(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
     text = record.getMessage()
+    error = record.exc_info[1] if record.exc_info else None
     if record.levelno < logging.ERROR or not (
-        "orbax" in record.pathname or "orbax" in text):
+        "orbax" in record.pathname or "orbax" in text or _raised_in_orbax(error)):
       return True
-    if record.exc_info and record.exc_info[1] is not None:
-      text += str(record.exc_info[1])
+    if error is not None:
+      text += str(error)
     return not any(mark in text for mark in _NO_SPACE)
+
+
+def _raised_in_orbax(error: BaseException | None) -> bool:
+  """Whether `error`'s traceback passes through orbax's code (a gathered
+  future's log names no coroutine, only the error)."""
+  tb = getattr(error, "__traceback__", None)
+  while tb is not None:
+    if "orbax" in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
 
 
 def _install_quiet_hooks() -> None:
