@@ -191,6 +191,29 @@ def test_loss_table_and_each_comparison(generated):
   assert _line(t, "| ultramem_v2 < memory_plus |").endswith("| not run | - |")
 
 
+def test_comparisons_in_words(generated):
+  t = generated["text"]
+  section = t[t.index("### tiny"):t.index("### bigger")]
+  words = section[section.index("In words:"):section.index("![")].splitlines()
+  # Hand-computed from LOSSES: every pair's seeds are 0.02 apart, so twice
+  # the pooled std is 2 * sqrt(2) * 0.01 = 0.0283; memory_plus has no
+  # finished seed and gets no sentence.
+  assert [w for w in words if w.startswith("- ")] == [
+      "- ultramem_v2 and moe (loss) differ by +0.0200 nats/token (ultramem_v2 "
+      "5.0300, moe 5.0100), within twice the pooled seed std (0.0283): no "
+      "counted difference; a third seed is due.",
+      "- ultramem_v2 is better than ultramem (loss) by 0.1800 nats/token "
+      "(ultramem_v2 5.0300, ultramem 5.2100; twice the pooled seed std "
+      "0.0283), as the paper has it.",
+      "- moe is better than ultramem (loss) by 0.2000 nats/token (ultramem "
+      "5.2100, moe 5.0100; twice the pooled seed std 0.0283), against the "
+      "paper, which has ultramem better than moe."]
+  assert ("- ultramem_v2 is better than moe (mqar accuracy) by 0.2000 "
+          "(ultramem_v2 0.6100, moe 0.4100; twice the pooled seed std 0.0283), "
+          "as the paper has it.") in t
+  assert "In words:" not in t[t.index("### bigger"):t.index("**Verdict, claim 1")]
+
+
 def test_harness_smoke_test_line(generated):
   # moe: 0.25 and 0.375, sample std 0.125 / sqrt(2) = 0.088.
   assert ("eval.py harness, a smoke test of the pipeline and not a claim: 2 "

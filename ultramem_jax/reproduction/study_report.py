@@ -13,7 +13,7 @@ import pathlib
 from ultramem_jax.reproduction import collect as C
 from ultramem_jax.reproduction import figures
 from ultramem_jax.reproduction.claims import Part, Study
-from ultramem_jax.reproduction.verdict import (Verdict, mean_std,
+from ultramem_jax.reproduction.verdict import (REPRODUCED, Verdict, mean_std,
                                                needs_third_seed, verdict)
 from ultramem_jax.sweep.execute import portable
 from ultramem_jax.sweep.report import WITH_NUMBERS, write_csv
@@ -131,6 +131,42 @@ def comparisons(results: list[PartResult]) -> list[str]:
   return lines
 
 
+def in_words(r: PartResult, metric: str) -> str | None:
+  """One plain sentence for a comparison that ran: which contender is
+  better by how much, against twice the seed spread, and whether that
+  agrees with the paper. None for a comparison that did not run."""
+  if r.verdict is None:
+    return None
+  c, p = r.verdict.comparison, r.part
+  tasks = metric == "tasks"
+  what = f"{p.task} accuracy" if p.task else "loss"
+  unit = "" if tasks else " nats/token"
+  nums = f"{p.a} {c.mean_a:.4f}, {p.b} {c.mean_b:.4f}"
+  aside = "" if p.verdict else " (reported, not in the verdict)"
+  if c.threshold is None:
+    return (f"{p.a} against {p.b} ({what}): {nums}, fewer than 2 seeds on a "
+            f"side, so there is no spread to judge by{aside}.")
+  if not c.counts:
+    tail = "; a third seed is due" if r.third_seed else ""
+    return (f"{p.a} and {p.b} ({what}) differ by {c.diff:+.4f}{unit} ({nums}), "
+            f"within twice the pooled seed std ({c.threshold:.4f}): no counted "
+            f"difference{tail}{aside}.")
+  a_better = c.diff > 0 if tasks else c.diff < 0
+  better, worse = (p.a, p.b) if a_better else (p.b, p.a)
+  paper = (f"{p.a} not worse than {p.b}" if p.kind == "parity"
+           else f"{p.a} better than {p.b}")
+  agrees = ("as the paper has it" if r.verdict.verdict == REPRODUCED
+            else f"against the paper, which has {paper}")
+  return (f"{better} is better than {worse} ({what}) by {abs(c.diff):.4f}{unit} "
+          f"({nums}; twice the pooled seed std {c.threshold:.4f}), {agrees}{aside}.")
+
+
+def plainly(results: list[PartResult], metric: str) -> list[str]:
+  """The comparisons in words, a bullet each, or nothing if none ran."""
+  said = [w for w in (in_words(r, metric) for r in results) if w]
+  return (["In words:", "", *[f"- {w}" for w in said], ""] if said else [])
+
+
 def figure(c: C.Collected, assets: pathlib.Path) -> pathlib.Path:
   name, s = c.sweep.name, c.study
   title = f"{name} ({s.label})"
@@ -164,7 +200,8 @@ def study_report(c: C.Collected, assets: pathlib.Path, out_dir: pathlib.Path,
   rel = lambda p: p.relative_to(out_dir) if p.is_relative_to(out_dir) else p
   lines += ["Mean ± sample standard deviation over the finished seeds; "
             "parameters from inspect.", "", *table(c), "",
-            *comparisons(list(parts)), "", *harness_line(c),
+            *comparisons(list(parts)), "", *plainly(list(parts), s.metric),
+            *harness_line(c),
             f"![{c.sweep.name}]({rel(png)})", "",
             f"Every point: [{rel(csv_path)}]({rel(csv_path)}).", ""]
   return StudyResult(s, True, parts, tuple(lines), (csv_path, png))
