@@ -39,6 +39,7 @@ import pathlib
 import shutil
 import sys
 import time
+import traceback
 from typing import Any, Callable
 
 import grain
@@ -111,12 +112,8 @@ class _QuietAbandonedWrites(logging.Filter):
 def _raised_in_orbax(error: BaseException | None) -> bool:
   """Whether `error`'s traceback passes through orbax's code (a gathered
   future's log names no coroutine, only the error)."""
-  tb = getattr(error, "__traceback__", None)
-  while tb is not None:
-    if "orbax" in tb.tb_frame.f_code.co_filename:
-      return True
-    tb = tb.tb_next
-  return False
+  return any("orbax" in frame.f_code.co_filename for frame, _ in
+             traceback.walk_tb(getattr(error, "__traceback__", None)))
 
 
 def _install_quiet_hooks() -> None:
