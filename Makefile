@@ -29,11 +29,14 @@ train: fetch
 # (one per core of the reference machine), each taking whole files so
 # module fixtures are built once, the longest files first (the order of
 # tests/conftest.py, which xdist's reordering would undo); XLA's cheaper
-# LLVM passes, since the tests spend most of their time compiling small
-# programs. TEST_WORKERS=0 runs in one process.
+# LLVM passes and its CPU backend's older fusion emitters, since the tests
+# spend most of their time compiling small programs (the new MLIR emitters
+# took 3x as long to compile a tiny train step, docs/testing.md).
+# TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 TEST_XLA_FLAGS ?= --xla_force_host_platform_device_count=8 \
-  --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true
+  --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true \
+  --xla_cpu_use_fusion_emitters=false
 test: install
 	XLA_FLAGS="$(TEST_XLA_FLAGS)" JAX_PLATFORMS=cpu \
 	  $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \

@@ -63,7 +63,8 @@ def environment(devices: int, compilation_cache: bool = True) -> dict[str, str]:
     env["JAX_COMPILATION_CACHE_DIR"] = ""
   env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
                       "--xla_backend_optimization_level=0 "
-                      "--xla_llvm_disable_expensive_passes=true")
+                      "--xla_llvm_disable_expensive_passes=true "
+                      "--xla_cpu_use_fusion_emitters=false")
   return env
 
 
