@@ -27,6 +27,9 @@ from test_robustness import (REPO, _train_cmd, checkpoint_steps, damage_checkpoi
                              logged_losses, small)
 
 STEPS = 6
+# The free space the tests leave is sized to this model's train state and
+# checkpoint (test_robustness's small config has one block).
+TWO_BLOCKS = ["model.n_layers=2"]
 
 
 def _mount_tmpfs(where: pathlib.Path, size: str) -> bool:
@@ -60,7 +63,8 @@ def six_steps(tmp_path_factory, text_dir):
   once for the module: the reference losses, and copied by the fixtures
   below."""
   root = tmp_path_factory.mktemp("six_steps")
-  train(small(root, text_dir, f"train.steps={STEPS}", "train.checkpoint_every=2"),
+  train(small(root, text_dir, f"train.steps={STEPS}", "train.checkpoint_every=2",
+             *TWO_BLOCKS),
         log=lambda s: None)
   return root / "run"
 
@@ -72,7 +76,7 @@ def reference(six_steps):
 
 
 def _cmd(run, text_dir, steps=STEPS, every=2):
-  cmd = _train_cmd(run, text_dir, steps)
+  cmd = _train_cmd(run, text_dir, steps) + TWO_BLOCKS
   cmd[cmd.index("train.checkpoint_every=1000")] = f"train.checkpoint_every={every}"
   return cmd
 

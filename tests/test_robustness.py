@@ -25,7 +25,7 @@ from ultramem_jax.training.health import Diverged, HealthMonitor
 from ultramem_jax.training.trainer import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2",
+SMALL = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2",
          "model.ffn.inner_dim=64", "data.tokenizer=bytes", "data.seq_len=32",
          "data.batch_size=8", "data.val_fraction=0.1", "optimizer.warmup_steps=1",
          "train.log_every=1", "train.eval_every=1000", "train.progress_bar=false"]

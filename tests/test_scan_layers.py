@@ -151,7 +151,9 @@ MEMORY = ["model.memory.layers=all", "model.memory.n_keys=8",
 
 
 def test_scanned_run_trains_resumes_evaluates_and_refuses_unrolled(tmp_path, text_dir):
-  scan = ["model.scan_layers=true", "train.checkpoint_every=2", *MEMORY]
+  # Two blocks to stack (the shared small config has one).
+  scan = ["model.n_layers=2", "model.scan_layers=true", "train.checkpoint_every=2",
+          *MEMORY]
   first = train(small(tmp_path, text_dir, "train.steps=2", "model.remat=full",
                       *scan), log=quiet)
   later = train(small(tmp_path, text_dir, "train.steps=3",
@@ -172,6 +174,6 @@ def test_scanned_run_trains_resumes_evaluates_and_refuses_unrolled(tmp_path, tex
   assert model.scanned and model.blocks.attn_norm.scale.shape == (2, 32)
   assert np.isfinite(later.val_loss)
   with pytest.raises(ConfigError, match="model.scan_layers: the run has True") as e:
-    train(small(tmp_path, text_dir, "train.steps=4", *MEMORY,
+    train(small(tmp_path, text_dir, "train.steps=4", "model.n_layers=2", *MEMORY,
                 "model.scan_layers=false"), log=quiet)
   assert "resume with model.scan_layers=True" in str(e.value)
