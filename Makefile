@@ -30,8 +30,8 @@ train: fetch
 # module fixtures are built once, the longest files first (the order of
 # tests/conftest.py, which xdist's reordering would undo); XLA's cheaper
 # LLVM passes and its CPU backend's older fusion emitters, since the tests
-# spend most of their time compiling small programs (the new MLIR emitters
-# took 3x as long to compile a tiny train step, docs/testing.md).
+# spend most of their time compiling small programs (with the new MLIR
+# emitters tests/test_sharding.py took 2.3x the CPU, docs/testing.md).
 # TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 TEST_XLA_FLAGS ?= --xla_force_host_platform_device_count=8 \
