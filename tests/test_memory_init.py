@@ -62,7 +62,7 @@ def test_eq26_matches_the_spec_example():
   assert initial_value_std(cfg, 0.1) == pytest.approx(0.066, abs=0.001)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_paper_init_normalises_scores_and_matches_ffn_variance(seed):
   """After calibration the mean top-1 score is 1 on fresh inputs, and the
   memory layer's output variance is 0.3-0.7 of the FFN's (spec: about
