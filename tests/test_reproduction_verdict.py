@@ -69,6 +69,11 @@ def test_higher_is_better_flips_the_direction():
   assert verdict(acc_b, acc_a, higher_is_better=True).verdict == NOT_REPRODUCED
   assert verdict(acc_a, acc_b).verdict == NOT_REPRODUCED     # as losses
   assert verdict(acc_b, acc_a, "parity", higher_is_better=True).verdict == NOT_REPRODUCED
+  # Which mean is the better one follows the direction, counted or not.
+  assert verdict(acc_a, acc_b, higher_is_better=True).a_better
+  assert not verdict(acc_a, acc_b).a_better
+  assert verdict(A_LOW, B_NEAR).a_better and not verdict(B_NEAR, A_LOW).a_better
+  assert verdict([0.9], [0.5], higher_is_better=True).a_better   # one seed
 
 
 def test_fewer_than_two_seeds_is_inconclusive_whatever_the_gap():

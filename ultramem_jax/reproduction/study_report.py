@@ -151,8 +151,7 @@ def in_words(r: PartResult, metric: str) -> str | None:
     return (f"{p.a} and {p.b} ({what}) differ by {c.diff:+.4f}{unit} ({nums}), "
             f"within twice the pooled seed std ({c.threshold:.4f}): no counted "
             f"difference{tail}{aside}.")
-  a_better = c.diff > 0 if tasks else c.diff < 0
-  better, worse = (p.a, p.b) if a_better else (p.b, p.a)
+  better, worse = (p.a, p.b) if r.verdict.a_better else (p.b, p.a)
   paper = (f"{p.a} not worse than {p.b}" if p.kind == "parity"
            else f"{p.a} better than {p.b}")
   agrees = ("as the paper has it" if r.verdict.verdict == REPRODUCED

@@ -97,11 +97,14 @@ def compare(a: Sequence[float], b: Sequence[float]) -> Comparison:
 @dataclasses.dataclass(frozen=True)
 class Verdict:
   """The verdict of one claim "A better than (or not worse than) B", with
-  the comparison it rests on and a sentence that gives the numbers."""
+  the comparison it rests on, whether A's mean is the better one (in the
+  metric's direction, counted or not) and a sentence that gives the
+  numbers."""
 
   verdict: str
   comparison: Comparison
   reason: str
+  a_better: bool
 
 
 def verdict(a: Sequence[float], b: Sequence[float], kind: Kind = "strict",
@@ -115,19 +118,20 @@ def verdict(a: Sequence[float], b: Sequence[float], kind: Kind = "strict",
   better = c.diff > 0 if higher_is_better else c.diff < 0
   if c.pooled_std is None:
     return Verdict(INCONCLUSIVE, c, f"fewer than {MIN_SEEDS} seeds "
-                   f"(n = {c.n_a} and {c.n_b}): no seed spread to compare against")
+                   f"(n = {c.n_a} and {c.n_b}): no seed spread to compare "
+                   "against", better)
   size = f"|{c.diff:+.4f}| {'>' if c.counts else '<='} 2 x {c.pooled_std:.4f}"
   if c.counts and better:
     return Verdict(REPRODUCED, c, f"the difference counts in the paper's "
-                   f"direction ({size})")
+                   f"direction ({size})", better)
   if c.counts:
     return Verdict(NOT_REPRODUCED, c, f"the difference counts against the "
-                   f"paper ({size})")
+                   f"paper ({size})", better)
   if kind == "parity":
     return Verdict(REPRODUCED, c, f"A is not worse by a counted difference "
-                   f"({size})")
+                   f"({size})", better)
   return Verdict(INCONCLUSIVE, c, f"the difference is within twice the seed "
-                 f"spread ({size})")
+                 f"spread ({size})", better)
 
 
 def needs_third_seed(a: Sequence[float], b: Sequence[float]) -> bool:
