@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import pathlib
 import shutil
@@ -151,24 +152,19 @@ def _install_quiet_hooks() -> None:
 MIN_REPLICA_SLICE_BYTES = 1 << 20
 
 
-_ARRAY_HANDLER: list[ocp.type_handlers.ArrayHandler] = []   # once per process
-
-
+@functools.cache
 def _register_array_handler() -> None:
   """Orbax's handler of jax.Array for every save in this process, with
   :data:`MIN_REPLICA_SLICE_BYTES` (otherwise orbax's defaults), registered
   once, without orbax's warning that it replaces the default one."""
-  if _ARRAY_HANDLER:
-    return
-  _ARRAY_HANDLER.append(ocp.type_handlers.ArrayHandler(
+  handler = ocp.type_handlers.ArrayHandler(
       min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
-      array_metadata_store=array_metadata_store.Store()))
+      array_metadata_store=array_metadata_store.Store())
   absl = logging.getLogger("absl")
   level = absl.level
   absl.setLevel(logging.ERROR)
   try:
-    ocp.type_handlers.register_type_handler(jax.Array, _ARRAY_HANDLER[0],
-                                            override=True)
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
   finally:
     absl.setLevel(level)
 
