@@ -19,6 +19,7 @@ from ultramem_jax.reproduction import collect as C
 from ultramem_jax.reproduction.__main__ import main
 from ultramem_jax.reproduction.claims import CLAIMS, Claim, Part, Study
 from ultramem_jax.reproduction.document import results_markdown, study_overrides
+from ultramem_jax.reproduction.study_report import study_report
 from ultramem_jax.sweep.points import resolve, with_overrides
 from ultramem_jax.sweep.spec import read_sweep
 from ultramem_jax.training.config import load_config
@@ -255,9 +256,12 @@ def test_decode_section(generated):
 def test_files_written(generated):
   site = generated["out"].parent / "results"
   names = sorted(f.name for f in generated["files"])
-  assert names == sorted(["fx_parity.csv", "fx_parity_loss_curves.png", "fx_tasks.csv",
+  assert names == sorted(["fx_parity.csv", "fx_parity_curves.csv",
+                          "fx_parity_loss_curves.png", "fx_tasks.csv",
+                          "fx_tasks_curves.csv", "fx_tasks_by_length.csv",
                           "fx_tasks_accuracy_by_length.png", "fx_density.csv",
-                          "fx_density_loss_vs_m.png", "claim5_decode_bytes.png"])
+                          "fx_density_curves.csv", "fx_density_loss_vs_m.png",
+                          "claim5_decode_bytes.png"])
   for f in generated["files"]:
     assert f.parent == site
     if f.suffix == ".png":
@@ -266,6 +270,58 @@ def test_files_written(generated):
   rows = list(csv.DictReader(open(site / "fx_parity.csv")))
   assert [r["state"] for r in rows] == ["done"] * 2 + ["trained"] * 4 + ["failed"] * 2
   assert [float(r["eval_loss"]) for r in rows[:6]] == list(LOSSES.values())
+
+
+def test_the_record_stands_in_for_run_directories_that_are_gone(generated, tmp_path):
+  """After the run directories are deleted, a report from the record in
+  results/ gives the same rows, curves, accuracy by length and verdicts;
+  without the curves' file the figure is kept as drawn, not redrawn from
+  nothing; a finished record row outlives a point that is pending again,
+  and a recorded point of another sweep's overrides is kept."""
+  import shutil
+  site = generated["out"].parent / "results"
+  assets = tmp_path / "results"
+  shutil.copytree(site, assets)
+  root = generated["root"]
+  parity = Study(str(generated["parity"]), "tiny", "loss", (Part("ultramem_v2", "moe", "parity"),))
+  tasks = Study(str(root / "fx_tasks.yaml"), "tiny", "tasks",
+                (Part("ultramem_v2", "moe", task="mqar"),), plot="tasks")
+  live = {s: C.collect(s, REPO) for s in (parity, tasks)}
+  stranger = dict(next(iter(csv.DictReader(open(assets / "fx_parity.csv")))),
+                  name="moe-s0-00000000", eval_loss="9.5")
+  with open(assets / "fx_parity.csv", "a", newline="") as f:
+    csv.DictWriter(f, fieldnames=list(stranger)).writerow(stranger)
+  moved = tmp_path / "gone"
+  shutil.move(root / "runs", moved)
+  try:
+    rec = {s: C.collect(s, REPO, assets=assets) for s in live}
+    for s, c in live.items():
+      r = rec[s]
+      assert [x["state"] for x in r.rows] == [   # a failed point's dir is gone
+          x["state"] if x["state"] != "failed" else "pending" for x in c.rows]
+      assert [x.get("eval_loss") for x in r.rows] == [x.get("eval_loss") for x in c.rows]
+      assert r.from_record == frozenset(c.finished_names())
+      assert r.curve == c.curve and r.by_length == c.by_length
+    assert C.accuracy_by_length(rec[tasks]) == C.accuracy_by_length(live[tasks])
+    assert [x["acc_mqar"] for x in rec[tasks].rows] == [x["acc_mqar"] for x in live[tasks].rows]
+    assert {k: [list(a) for a in v] for k, v in C.curves(rec[parity]).items()} == {
+        k: [list(a) for a in v] for k, v in C.curves(live[parity]).items()}
+    assert C.harness_accuracy(rec[parity]) == {"local_mc": {"moe": [0.25, 0.375]}}
+    (assets / "fx_parity_curves.csv").unlink()
+    png = assets / "fx_parity_loss_curves.png"
+    before = png.read_bytes()
+    out = study_report(C.collect(parity, REPO, assets=assets), assets, tmp_path, [])
+    text = "\n".join(out.lines)
+    assert "None of the 6 finished points has its loss curves at hand" in text
+    assert "6 of the 6 finished points are read from the record" in text
+    assert png.read_bytes() == before
+    assert out.parts[0].verdict.verdict == "reproduced"
+    rows = list(csv.DictReader(open(assets / "fx_parity.csv")))
+    assert [r["name"] for r in rows][-1] == "moe-s0-00000000"
+    assert [r["state"] for r in rows][:6] == ["done"] * 2 + ["trained"] * 4
+    assert [r["state"] for r in rows][6:8] == ["pending"] * 2   # memory_plus: its dir is gone
+  finally:
+    shutil.move(moved, root / "runs")
 
 
 def test_collected_curves_and_settings(generated):

@@ -5,13 +5,17 @@
                               FILE` for each of its files; the same
                               command again resumes); options after `--`
                               go to the sweep tool (e.g. -- --backend ray)
-    report --out RESULTS.md   RESULTS.md from the sweeps' run directories:
-                              per claim a table, a PNG, the verdict; claims
+    report --out RESULTS.md   RESULTS.md from the sweeps' run directories
+                              and the record in results/ beside it (read
+                              for points whose run directories are gone,
+                              written back with every point it held): per
+                              claim a table, a PNG, the verdict; claims
                               without runs say "not run" with the command
     commands [key=value ...]  prints the sweep commands of every claim
 
 --at_scale applies each sweep's accelerator overrides (claims.py) and
-uses runs/sweeps_at_scale/<name> unless --sweeps_root is given;
+uses runs/sweeps_at_scale/<name> unless --sweeps_root is given, and
+keeps its record and PNGs in results/at_scale/;
 --sweeps_root DIR puts every sweep at DIR/<name>. key=value overrides
 (anywhere on the line) go to every point of every sweep (they change the points' names, as with
 the sweep tool, so report needs the same ones as run). Exit status 2 for a

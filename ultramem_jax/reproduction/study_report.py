@@ -12,11 +12,12 @@ import pathlib
 
 from ultramem_jax.reproduction import collect as C
 from ultramem_jax.reproduction import figures
+from ultramem_jax.reproduction import record as R
 from ultramem_jax.reproduction.claims import Part, Study
 from ultramem_jax.reproduction.verdict import (REPRODUCED, Verdict, mean_std,
                                                needs_third_seed, verdict)
 from ultramem_jax.sweep.execute import portable
-from ultramem_jax.sweep.report import WITH_NUMBERS, write_csv
+from ultramem_jax.sweep.report import WITH_NUMBERS
 
 NOT_RUN = "not run"
 
@@ -166,17 +167,50 @@ def plainly(results: list[PartResult], metric: str) -> list[str]:
   return (["In words:", "", *[f"- {w}" for w in said], ""] if said else [])
 
 
-def figure(c: C.Collected, assets: pathlib.Path) -> pathlib.Path:
-  name, s = c.sweep.name, c.study
-  title = f"{name} ({s.label})"
-  if s.plot == "tasks":
-    return figures.task_accuracy(assets / f"{name}_accuracy_by_length.png",
-                                 C.accuracy_by_length(c), title)
-  if s.plot == "density":
+def _figure_path(c: C.Collected, assets: pathlib.Path) -> pathlib.Path:
+  suffix = {"tasks": "accuracy_by_length", "density": "loss_vs_m"}.get(
+      c.study.plot, "loss_curves")
+  return assets / f"{c.sweep.name}_{suffix}.png"
+
+
+def _draw(c: C.Collected, path: pathlib.Path) -> pathlib.Path:
+  title = f"{c.sweep.name} ({c.study.label})"
+  if c.study.plot == "tasks":
+    return figures.task_accuracy(path, C.accuracy_by_length(c), title)
+  if c.study.plot == "density":
     pts = [(float(C.setting(c, v, "model.memory.top_m") or 0),
             C.values(c, v, "eval_loss"), v) for v in c.variants()]
-    return figures.loss_vs_m(assets / f"{name}_loss_vs_m.png", pts, title)
-  return figures.loss_curves(assets / f"{name}_loss_curves.png", C.curves(c), title)
+    return figures.loss_vs_m(path, pts, title)
+  return figures.loss_curves(path, C.curves(c), title)
+
+
+def figure(c: C.Collected, assets: pathlib.Path) -> tuple[pathlib.Path, list[str]]:
+  """The study's PNG and the lines said under it. A figure drawn from
+  per-step data (loss curves, accuracy by length) is redrawn only when
+  every finished point's data is at hand; otherwise an existing PNG is
+  kept as drawn before, and the lines name the points without data."""
+  path = _figure_path(c, assets)
+  if c.study.plot == "density":
+    return _draw(c, path), []
+  tasks = c.study.plot == "tasks"
+  missing = C.without_series(c, c.by_length if tasks else c.curve)
+  if not missing:
+    return _draw(c, path), []
+  what = "accuracy by length" if tasks else "loss curves"
+  kept = R.paths(assets, c.sweep.name)["by_length" if tasks else "curves"].name
+  n = len(c.finished_names())
+  which = (f"None of the {n} finished points has its {what}" if len(missing) == n
+           else f"{len(missing)} of the {n} finished points have no {what} "
+                f"({', '.join(missing)})")
+  lines = [f"{which} at hand: their run directories are gone and the record "
+           f"(`{kept}`) does not hold them."]
+  if path.exists():
+    lines[0] += (" The figure is kept as it was last drawn and may lack points "
+                 "that finished since; the table, the CSV and the verdicts hold "
+                 "every finished point.")
+    return path, lines + [""]
+  lines[0] += " The figure shows the other points."
+  return _draw(c, path), lines + [""]
 
 
 def study_report(c: C.Collected, assets: pathlib.Path, out_dir: pathlib.Path,
@@ -187,23 +221,33 @@ def study_report(c: C.Collected, assets: pathlib.Path, out_dir: pathlib.Path,
   if not c.any_finished():
     states = sorted({r["state"] for r in c.rows})
     lines += [f"**{NOT_RUN}**: none of its {len(c.rows)} points has finished "
-              f"training in `{portable(c.sweep.sweep_dir)}` (states: {', '.join(states)}). "
+              f"training in `{portable(c.sweep.sweep_dir)}` (states: {', '.join(states)}) "
+              "or in the record under results/. "
               "Run the commands above.", ""]
     parts = tuple(PartResult(p, None, True) for p in s.parts)
     return StudyResult(s, False, parts, tuple(lines), ())
   assets.mkdir(parents=True, exist_ok=True)
-  csv_path = assets / f"{c.sweep.name}.csv"
-  write_csv(csv_path, list(c.rows))
-  png = figure(c, assets)
+  record = C.save_record(c, assets)
+  csv_path = record[0]
+  png, caption = figure(c, assets)
   parts = tuple(judge(c, p) for p in s.parts)
   rel = lambda p: p.relative_to(out_dir) if p.is_relative_to(out_dir) else p
   lines += ["Mean ± sample standard deviation over the finished seeds; "
-            "parameters from inspect.", "", *table(c), "",
+            "parameters from inspect.", "", *table(c), "", *source_line(c, rel(csv_path)),
             *comparisons(list(parts)), "", *plainly(list(parts), s.metric),
             *harness_line(c),
-            f"![{c.sweep.name}]({rel(png)})", "",
+            f"![{c.sweep.name}]({rel(png)})", "", *caption,
             f"Every point: [{rel(csv_path)}]({rel(csv_path)}).", ""]
-  return StudyResult(s, True, parts, tuple(lines), (csv_path, png))
+  return StudyResult(s, True, parts, tuple(lines), (*record, png))
+
+
+def source_line(c: C.Collected, csv_rel: pathlib.Path) -> list[str]:
+  """Where the finished points were read from, when the record gave some."""
+  n, k = len(c.finished_names()), len(c.from_record)
+  if not k:
+    return []
+  return [f"{k} of the {n} finished points are read from the record "
+          f"(`{csv_rel}`), their run directories not holding a finished run.", ""]
 
 
 def study_verdicts(results: list[StudyResult]) -> list[str]:

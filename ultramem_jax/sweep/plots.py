@@ -17,6 +17,19 @@ from ultramem_jax.training.metrics import read_scalars
 from ultramem_jax.training.run_dir import METRICS_FILE
 
 
+def band(curves: list[dict[int, float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+  """(steps, mean, sample std) of {step: value} curves at the steps all of
+  them have; None without curves or without a common step."""
+  if not curves:
+    return None
+  common = sorted(set.intersection(*(set(c) for c in curves)))
+  if not common:
+    return None
+  v = np.array([[c[s] for s in common] for c in curves])
+  std = v.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros(len(common))
+  return np.array(common), v.mean(axis=0), std
+
+
 def loss_curves(rows: list[dict], run_dirs: dict[str, pathlib.Path],
                 finished: tuple[str, ...]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """{group: (tokens, mean validation loss, std)} over the finished seeds,
@@ -31,12 +44,9 @@ def loss_curves(rows: list[dict], run_dirs: dict[str, pathlib.Path],
     tokens_per_step[r["group"]] = r["tokens"] / r["step"]
   out = {}
   for group, curves in per_group.items():
-    common = sorted(set.intersection(*(set(c) for c in curves)))
-    if not common:
-      continue
-    v = np.array([[c[s] for s in common] for c in curves])
-    std = v.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros(len(common))
-    out[group] = (np.array(common) * tokens_per_step[group], v.mean(axis=0), std)
+    b = band(curves)
+    if b is not None:
+      out[group] = (b[0] * tokens_per_step[group], b[1], b[2])
   return out
 
 
