@@ -354,6 +354,29 @@ def test_command_line(tmp_path, capsys):
   assert len(lines) == 6 and all(
       "train.steps=7" in l and "optimizer.warmup_steps=1" in l
       and f"train.run_dir={tmp_path}/claim4_density/m" in l for l in lines)
+  # --missing: the points the record does not hold as finished.
+  sweep = with_overrides(read_sweep(REPO / "configs/sweeps/claim4_density.yaml"),
+                         ["train.steps=7", "optimizer.warmup_steps=1"])
+  names = [p.name for p in resolve(sweep)]
+  record = tmp_path / "record"
+  record.mkdir()
+  def recorded(done):
+    with open(record / "claim4_density.csv", "w", newline="") as f:
+      w = csv.DictWriter(f, fieldnames=["name", "variant", "seed", "state"])
+      w.writeheader()
+      for n in names:
+        w.writerow({"name": n, "variant": n.split("-")[0], "seed": int(n.split("-s")[1][0]),
+                    "state": "done" if n in done else "pending"})
+  recorded(names[:2])
+  argv = ["run", "4", "--missing", "--results", str(record), "train.steps=7",
+          "--sweeps_root", str(tmp_path), "optimizer.warmup_steps=1", "--", "--backend", "print"]
+  assert main(argv) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert [l.split("train.run_dir=")[1].split()[0].rsplit("/", 1)[1] for l in lines] == names[2:]
+  recorded(names)
+  assert main(argv) == 0
+  assert capsys.readouterr().out == ""
+  assert main(argv + ["--only", names[0]]) == 2
   with pytest.raises(SystemExit):
     main(["report", "--out", str(tmp_path / "R.md"), "--claims", "9"])
   assert main(["report", "--out", str(tmp_path / "R.md"), "--claims", "4",

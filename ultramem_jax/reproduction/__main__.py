@@ -31,9 +31,11 @@ import sys
 
 from ultramem_jax.config import ConfigError
 from ultramem_jax.reproduction.claims import CLAIMS
+from ultramem_jax.reproduction.collect import collect
 from ultramem_jax.reproduction.document import results_markdown, study_overrides
 from ultramem_jax.sweep.__main__ import main as sweep_main
 from ultramem_jax.sweep.execute import portable
+from ultramem_jax.sweep.report import WITH_NUMBERS
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 AT_SCALE_ROOT = "runs/sweeps_at_scale"
@@ -52,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="each sweep's directory becomes DIR/<name>")
   run = sub.choices["run"]
   run.add_argument("claim", type=int, choices=[c.number for c in CLAIMS])
+  run.add_argument("--missing", action="store_true",
+                   help="only the points the record (--results) does not hold as finished")
+  run.add_argument("--results", type=pathlib.Path, default=None,
+                   help="the record's folder (default: results/ of the repository, "
+                        "results/at_scale/ with --at_scale)")
   report = sub.choices["report"]
   report.add_argument("--out", type=pathlib.Path, required=True,
                       help="the markdown file (PNGs and CSVs go to results/ beside it)")
@@ -75,15 +82,41 @@ def _sweep_argv(study, args, overrides: list[str], passthrough: list[str]) -> li
   return argv + passthrough
 
 
+def _record_dir(args) -> pathlib.Path:
+  if args.results is not None:
+    return args.results.resolve()
+  return REPO / ("results/at_scale" if args.at_scale else "results")
+
+
+def _missing(study, args) -> list[str]:
+  """The study's points finished neither in their run directories nor in
+  the record."""
+  c = collect(study, REPO, study_overrides(study, args.overrides, args.at_scale),
+              _root(args), _record_dir(args))
+  return [r["name"] for r in c.rows if r["state"] not in WITH_NUMBERS]
+
+
 def _run(args, passthrough: list[str]) -> int:
   claim = next(c for c in CLAIMS if c.number == args.claim)
+  if args.missing and "--only" in passthrough:
+    print("error: --missing chooses the points itself; drop the sweep tool's --only",
+          file=sys.stderr)
+    return 2
   status = 0
   for study in claim.studies:
     if study.accelerator and not args.at_scale:
       print(f"skipping {study.sweep}: sized for an accelerator (--at_scale runs it)",
             file=sys.stderr)
       continue
-    rc = sweep_main(_sweep_argv(study, args, args.overrides, passthrough))
+    extra = list(passthrough)
+    if args.missing:
+      names = _missing(study, args)
+      if not names:
+        print(f"{study.sweep}: every point is finished (run directories or "
+              f"{portable(_record_dir(args))}); nothing to run", file=sys.stderr)
+        continue
+      extra = ["--only", ",".join(names), *extra]
+    rc = sweep_main(_sweep_argv(study, args, args.overrides, extra))
     if rc >= 2:
       return rc
     status = max(status, rc)
