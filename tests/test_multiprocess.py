@@ -27,9 +27,11 @@ import pytest
 from ultramem_jax.config import ConfigError
 from ultramem_jax.data.pipeline import eval_batches
 from ultramem_jax.evaluation.restore import restore_run
+from ultramem_jax.parallel import distributed
 from ultramem_jax.training.config import load_config
 from ultramem_jax.training.run_dir import latest_checkpoint_step
 from ultramem_jax.training.trainer import train
+from train import main as train_main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_V2 = ["--config", "configs/tiny_ultramem_v2.yaml",
@@ -159,14 +161,20 @@ def test_two_processes_train_like_one(tmp_path, text_dir):
     (["--coordinator=localhost:1234", "--num_processes=2", "--process_id=2"],
      "--process_id: got 2; must be in 0..1"),
 ])
-def test_bad_distributed_arguments_stop_before_jax_starts(tmp_path, flags, message):
+def test_bad_distributed_arguments_stop_before_jax_starts(tmp_path, flags, message,
+                                                          capsys, monkeypatch):
+  """train.py's main, in this process: argparse's exit 2 with the message,
+  before the distributed runtime would start (initialize is replaced by a
+  failure) and before the run directory is made."""
+  def started(launch):
+    raise AssertionError(f"jax.distributed would start: {launch}")
+  monkeypatch.setattr(distributed, "initialize", started)
   run_dir = tmp_path / "run"
-  proc = subprocess.run(
-      [sys.executable, "train.py", "--config", "configs/tiny_dense.yaml", *flags,
-       f"train.run_dir={run_dir}"], cwd=ROOT, env=environment(4),
-      capture_output=True, text=True, timeout=60)
-  assert proc.returncode == 2, proc.stderr[-3000:]
-  assert message in proc.stderr
+  with pytest.raises(SystemExit) as stop:
+    train_main(["--config", str(ROOT / "configs/tiny_dense.yaml"), *flags,
+                f"train.run_dir={run_dir}"])
+  assert stop.value.code == 2
+  assert message in capsys.readouterr().err
   assert not run_dir.exists()
 
 

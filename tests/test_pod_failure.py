@@ -27,6 +27,8 @@ import pytest
 
 from tests.test_multiprocess import ROOT, environment, free_port, start, wait_all
 from tests.test_robustness import damage_checkpoint
+from train import main as train_main
+from ultramem_jax.parallel import distributed
 from ultramem_jax.training.run_dir import checkpoint_steps
 
 FAILURE_TIMEOUT = 8
@@ -166,13 +168,17 @@ def test_sigterm_to_one_stops_both_at_one_step_and_damage_is_agreed(
   assert math.isfinite(result["val_loss"])
 
 
-def test_a_bad_failure_timeout_stops_before_jax_starts(tmp_path):
+def test_a_bad_failure_timeout_stops_before_jax_starts(tmp_path, capsys, monkeypatch):
+  """train.py's main, in this process: exit 2 before the distributed
+  runtime would start (initialize is replaced by a failure)."""
+  def started(launch):
+    raise AssertionError(f"jax.distributed would start: {launch}")
+  monkeypatch.setattr(distributed, "initialize", started)
   run_dir = tmp_path / "run"
-  proc = subprocess.run(
-      [sys.executable, "train.py", "--config", "configs/tiny_dense.yaml",
-       "--coordinator=localhost:1234", "--num_processes=2", "--process_id=0",
-       "--failure_timeout=0", f"train.run_dir={run_dir}"], cwd=ROOT,
-      env=environment(1), capture_output=True, text=True, timeout=60)
-  assert proc.returncode == 2, proc.stderr[-3000:]
-  assert "--failure_timeout: got 0.0; must be at least 1 (seconds)" in proc.stderr
+  with pytest.raises(SystemExit) as stop:
+    train_main(["--config", str(ROOT / "configs/tiny_dense.yaml"),
+                "--coordinator=localhost:1234", "--num_processes=2", "--process_id=0",
+                "--failure_timeout=0", f"train.run_dir={run_dir}"])
+  assert stop.value.code == 2
+  assert "--failure_timeout: got 0.0; must be at least 1 (seconds)" in capsys.readouterr().err
   assert not run_dir.exists()
