@@ -8,6 +8,9 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from eval import main as eval_main
+from train import main as train_main
+
 SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2",
          "model.ffn.inner_dim=64", "data.bpe_vocab_size=300", "data.seq_len=32",
          "data.batch_size=8", "data.val_fraction=0.1", "optimizer.warmup_steps=2",
@@ -60,23 +63,23 @@ def test_train_then_eval(tmp_path, text_dir):
   assert json.loads(proc.stdout)["val_loss"] != result["val_loss"]
 
 
-def test_bad_config_stops_before_anything_is_written(tmp_path, text_dir):
+def test_bad_config_stops_before_anything_is_written(tmp_path, text_dir, capsys):
+  """train.py's and eval.py's main in this process (the real entry points
+  run above): exit status 2, the message, nothing written."""
   run_dir = tmp_path / "run"
-  proc = run("train.py", "--config", "configs/tiny_dense.yaml", *SMALL,
-             f"data.source={text_dir}", f"train.run_dir={run_dir}",
-             "model.n_heads=3")
-  assert proc.returncode == 2
-  assert "model.n_heads: got 3" in proc.stderr
+  assert train_main(["--config", "configs/tiny_dense.yaml", *SMALL,
+                     f"data.source={text_dir}", f"train.run_dir={run_dir}",
+                     "model.n_heads=3"]) == 2
+  assert "model.n_heads: got 3" in capsys.readouterr().err
   assert not run_dir.exists()
 
-  proc = run("train.py", "--config", "configs/tiny_dense.yaml", *SMALL,
-             f"data.source={tmp_path / 'missing'}", f"train.run_dir={run_dir}")
-  assert proc.returncode == 2
-  assert "neither a corpus name" in proc.stderr
+  assert train_main(["--config", "configs/tiny_dense.yaml", *SMALL,
+                     f"data.source={tmp_path / 'missing'}",
+                     f"train.run_dir={run_dir}"]) == 2
+  assert "neither a corpus name" in capsys.readouterr().err
   assert not run_dir.exists()
 
 
-def test_eval_refuses_a_directory_without_a_run(tmp_path):
-  proc = run("eval.py", "loss", "--run_dir", tmp_path)
-  assert proc.returncode == 2
-  assert "has no config.yaml" in proc.stderr
+def test_eval_refuses_a_directory_without_a_run(tmp_path, capsys):
+  assert eval_main(["loss", "--run_dir", str(tmp_path)]) == 2
+  assert "has no config.yaml" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from ultramem_jax.inspect import inspect_config
+from ultramem_jax.inspect import main as inspect_main
 from ultramem_jax.training.config import load_config
 
 
@@ -65,12 +66,9 @@ def test_cli_answers_for_a_7b_config_in_seconds():
   print(f"inspect of a {out['total_params'] / 1e9:.2f}B config took {elapsed:.1f}s")
 
 
-def test_cli_reports_config_errors():
-  proc = subprocess.run(
-      [sys.executable, "-m", "ultramem_jax.inspect", "configs/tiny_dense.yaml",
-       "model.n_heads=3"], capture_output=True, text=True)
-  assert proc.returncode == 2
-  assert "model.n_heads: got 3" in proc.stderr
+def test_cli_reports_config_errors(capsys):
+  assert inspect_main(["configs/tiny_dense.yaml", "model.n_heads=3"]) == 2
+  assert "model.n_heads: got 3" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("path,active,total,tol", [
