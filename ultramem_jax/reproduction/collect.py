@@ -199,15 +199,9 @@ def values(c: Collected, variant: str, key: str) -> list[float]:
 
 def curves(c: Collected) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """{variant: (tokens, mean validation loss, std)} at the steps every
-  finished seed with a curve logged (``sweep.plots.band``)."""
-  out = {}
-  for v in c.variants():
-    done = [r for r in c.finished(v) if r["name"] in c.curve and r.get("step")]
-    band = plots.band([c.curve[r["name"]] for r in done])
-    if band is not None:
-      steps, mean, std = band
-      out[v] = (steps * (done[0]["tokens"] / done[0]["step"]), mean, std)
-  return out
+  finished seed with a curve logged (``sweep.plots.grouped_bands``)."""
+  done = [r for r in c.rows if r["state"] in WITH_NUMBERS]
+  return plots.grouped_bands(done, c.curve, "variant")
 
 
 def accuracy_by_length(c: Collected) -> dict[str, dict[str, dict[int, list[float]]]]:

@@ -30,24 +30,32 @@ def band(curves: list[dict[int, float]]) -> tuple[np.ndarray, np.ndarray, np.nda
   return np.array(common), v.mean(axis=0), std
 
 
+def grouped_bands(rows: list[dict], curves: dict[str, dict[int, float]],
+                  group: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """{row[group]: (tokens, mean, std)} of the rows' curves ({name: {step:
+  value}}, ``band``), tokens from each group's tokens per step."""
+  per_group: dict[str, list[dict[int, float]]] = {}
+  tokens_per_step: dict[str, float] = {}
+  for r in rows:
+    if r["name"] in curves and r.get("step"):
+      per_group.setdefault(r[group], []).append(curves[r["name"]])
+      tokens_per_step[r[group]] = r["tokens"] / r["step"]
+  out = {}
+  for g, series in per_group.items():
+    b = band(series)
+    if b is not None:
+      out[g] = (b[0] * tokens_per_step[g], b[1], b[2])
+  return out
+
+
 def loss_curves(rows: list[dict], run_dirs: dict[str, pathlib.Path],
                 finished: tuple[str, ...]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """{group: (tokens, mean validation loss, std)} over the finished seeds,
   at the steps every seed logged."""
-  per_group: dict[str, list[dict[int, float]]] = {}
-  tokens_per_step: dict[str, float] = {}
-  for r in rows:
-    if r["state"] not in finished or not r.get("step"):
-      continue
-    steps, values = read_scalars(run_dirs[r["name"]] / METRICS_FILE, "val/loss")
-    per_group.setdefault(r["group"], []).append(dict(zip(steps, values)))
-    tokens_per_step[r["group"]] = r["tokens"] / r["step"]
-  out = {}
-  for group, curves in per_group.items():
-    b = band(curves)
-    if b is not None:
-      out[group] = (b[0] * tokens_per_step[group], b[1], b[2])
-  return out
+  done = [r for r in rows if r["state"] in finished and r.get("step")]
+  curves = {r["name"]: dict(zip(*read_scalars(run_dirs[r["name"]] / METRICS_FILE,
+                                              "val/loss"))) for r in done}
+  return grouped_bands(done, curves, "group")
 
 
 def save(fig: Figure, path: pathlib.Path) -> pathlib.Path:
