@@ -319,6 +319,8 @@ def test_the_record_stands_in_for_run_directories_that_are_gone(generated, tmp_p
     assert "None of the 6 finished points has its loss curves at hand" in text
     assert "6 of the 6 finished points are read from the record" in text
     assert png.read_bytes() == before
+    assert png not in out.files   # kept, not written: the report does not list it
+    assert assets / "fx_parity.csv" in out.files
     assert out.parts[0].verdict.verdict == "reproduced"
     rows = list(csv.DictReader(open(assets / "fx_parity.csv")))
     assert [r["name"] for r in rows][-1] == "moe-s0-00000000"

@@ -184,18 +184,20 @@ def _draw(c: C.Collected, path: pathlib.Path) -> pathlib.Path:
   return figures.loss_curves(path, C.curves(c), title)
 
 
-def figure(c: C.Collected, assets: pathlib.Path) -> tuple[pathlib.Path, list[str]]:
-  """The study's PNG and the lines said under it. A figure drawn from
-  per-step data (loss curves, accuracy by length) is redrawn only when
-  every finished point's data is at hand; otherwise an existing PNG is
-  kept as drawn before, and the lines name the points without data."""
+def figure(c: C.Collected, assets: pathlib.Path
+           ) -> tuple[pathlib.Path, list[str], bool]:
+  """The study's PNG, the lines said under it and whether it was drawn
+  now. A figure drawn from per-step data (loss curves, accuracy by length)
+  is redrawn only when every finished point's data is at hand; otherwise
+  an existing PNG is kept as drawn before, and the lines name the points
+  without data."""
   path = _figure_path(c, assets)
   if c.study.plot == "density":
-    return _draw(c, path), []
+    return _draw(c, path), [], True
   tasks = c.study.plot == "tasks"
   missing = C.without_series(c, c.by_length if tasks else c.curve)
   if not missing:
-    return _draw(c, path), []
+    return _draw(c, path), [], True
   what = "accuracy by length" if tasks else "loss curves"
   kept = R.paths(assets, c.sweep.name)["by_length" if tasks else "curves"].name
   n = len(c.finished_names())
@@ -208,9 +210,9 @@ def figure(c: C.Collected, assets: pathlib.Path) -> tuple[pathlib.Path, list[str
     lines[0] += (" The figure is kept as it was last drawn and may lack points "
                  "that finished since; the table, the CSV and the verdicts hold "
                  "every finished point.")
-    return path, lines + [""]
+    return path, lines + [""], False
   lines[0] += " The figure shows the other points."
-  return _draw(c, path), lines + [""]
+  return _draw(c, path), lines + [""], True
 
 
 def study_report(c: C.Collected, assets: pathlib.Path, out_dir: pathlib.Path,
@@ -229,7 +231,7 @@ def study_report(c: C.Collected, assets: pathlib.Path, out_dir: pathlib.Path,
   assets.mkdir(parents=True, exist_ok=True)
   record = C.save_record(c, assets)
   csv_path = record[0]
-  png, caption = figure(c, assets)
+  png, caption, drawn = figure(c, assets)
   parts = tuple(judge(c, p) for p in s.parts)
   rel = lambda p: p.relative_to(out_dir) if p.is_relative_to(out_dir) else p
   lines += ["Mean ± sample standard deviation over the finished seeds; "
@@ -238,7 +240,8 @@ def study_report(c: C.Collected, assets: pathlib.Path, out_dir: pathlib.Path,
             *harness_line(c),
             f"![{c.sweep.name}]({rel(png)})", "", *caption,
             f"Every point: [{rel(csv_path)}]({rel(csv_path)}).", ""]
-  return StudyResult(s, True, parts, tuple(lines), (*record, png))
+  written = (*record, png) if drawn else tuple(record)
+  return StudyResult(s, True, parts, tuple(lines), written)
 
 
 def source_line(c: C.Collected, csv_rel: pathlib.Path) -> list[str]:
