@@ -144,7 +144,8 @@ def generated(tmp_path_factory):
   claims = (
       Claim(1, "Parity", "paper text", (
           Study(str(parity), "tiny", "loss", parity_parts),
-          Study(str(missing), "bigger", "loss", parity_parts[:1]))),
+          Study(str(missing), "bigger", "loss", parity_parts[:1],
+                note="Added after the first results."))),
       Claim(3, "Tasks", "paper text", (Study(str(tasks), "tiny", "tasks", (
           Part("ultramem_v2", "moe", task="mqar"),
           Part("ultramem_v2", "moe", task="niah")), plot="tasks"),)),
@@ -227,6 +228,8 @@ def test_a_study_without_runs_gives_its_command(generated):
   section = t[t.index("### bigger"):t.index("**Verdict, claim 1")]
   assert f"python -m ultramem_jax.sweep run {generated['root']}/fx_missing.yaml" in section
   assert "**not run**: none of its 4 points has finished" in section
+  assert "```\n\nAdded after the first results.\n\n**not run**" in section
+  assert "Added after" not in t[:t.index("### bigger")]   # the tiny study has none
   assert "±" not in section
 
 

@@ -58,6 +58,8 @@ class Study:
     plot: loss curves, task accuracy by length, or loss against m.
     at_scale: overrides (key=value) for an accelerator run of this sweep
       file (none for a file sized for one already).
+    note: a paragraph the report prints under the study's commands (what
+      was added after its first results were seen, for example).
   """
 
   sweep: str
@@ -69,6 +71,7 @@ class Study:
   # The sweep file itself is sized for an accelerator (its at-scale form
   # is the file as it stands; the CPU never runs it).
   accelerator: bool = False
+  note: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +101,14 @@ def _scale(steps: int, decay: bool = True) -> tuple[str, ...]:
   return out
 
 
+_DENSE_4X_ADDED = (
+    "The dense reference (`small_dense.yaml`, no table) was added to this "
+    "sweep on 2026-12-02 after the four contenders' results were seen, to "
+    "show how a model without memory does at the same budget; it is "
+    "reported and outside the verdict, and nothing else in the sweep was "
+    "changed.")
+
+
 CLAIMS: tuple[Claim, ...] = (
     Claim(1, "Parity",
           "UltraMemV2 reaches the held-out loss of the top-8-of-64 MoE at "
@@ -108,8 +119,9 @@ CLAIMS: tuple[Claim, ...] = (
           (Study("configs/sweeps/claim1_parity.yaml", "tiny", "loss",
                  _parity() + (Part("ultramem_v2", "dense", "parity", verdict=False),),
                  at_scale=_scale(3000)),
-           Study("configs/sweeps/claim1_parity_4x.yaml", "4x", "loss", _parity(),
-                 at_scale=_scale(3000)),
+           Study("configs/sweeps/claim1_parity_4x.yaml", "4x", "loss",
+                 _parity() + (Part("ultramem_v2", "dense", "parity", verdict=False),),
+                 at_scale=_scale(3000), note=_DENSE_4X_ADDED),
            # Accelerator only (its header: 10-20 GB a point, 1B tokens).
            Study("configs/sweeps/claim1_parity_227m.yaml", "227M", "loss",
                  _parity(), accelerator=True))),

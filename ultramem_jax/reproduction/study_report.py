@@ -220,6 +220,7 @@ def study_report(c: C.Collected, assets: pathlib.Path, out_dir: pathlib.Path,
   """The study's markdown lines, part verdicts and written files."""
   s = c.study
   lines = [f"### {s.label}: `{s.sweep}`", "", "```bash", *cmds, "```", ""]
+  lines += [s.note, ""] if s.note else []
   if not c.any_finished():
     states = sorted({r["state"] for r in c.rows})
     lines += [f"**{NOT_RUN}**: none of its {len(c.rows)} points has finished "
