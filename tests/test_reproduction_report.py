@@ -353,16 +353,16 @@ def test_command_line(tmp_path, capsys):
   assert "--sweep_dir" in capsys.readouterr().out
   # run N: the sweep tool's run of each of the claim's files, with the
   # overrides (before or after the options) and the tool's own options.
-  assert main(["run", "4", "train.steps=7", "--sweeps_root", str(tmp_path),
-               "optimizer.warmup_steps=1", "--", "--backend", "print"]) == 0
-  lines = capsys.readouterr().out.strip().splitlines()
-  assert len(lines) == 6 and all(
-      "train.steps=7" in l and "optimizer.warmup_steps=1" in l
-      and f"train.run_dir={tmp_path}/claim4_density/m" in l for l in lines)
-  # --missing: the points the record does not hold as finished.
   sweep = with_overrides(read_sweep(REPO / "configs/sweeps/claim4_density.yaml"),
                          ["train.steps=7", "optimizer.warmup_steps=1"])
   names = [p.name for p in resolve(sweep)]
+  assert main(["run", "4", "train.steps=7", "--sweeps_root", str(tmp_path),
+               "optimizer.warmup_steps=1", "--", "--backend", "print"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert [l.split("train.run_dir=")[1].split()[0].rsplit("/", 1)[1] for l in lines] == names
+  assert all("train.steps=7" in l and "optimizer.warmup_steps=1" in l
+             and f"train.run_dir={tmp_path}/claim4_density/m" in l for l in lines)
+  # --missing: the points the record does not hold as finished.
   record = tmp_path / "record"
   record.mkdir()
   def recorded(done):
