@@ -358,8 +358,10 @@ def test_command_line(tmp_path, capsys):
   names = [p.name for p in resolve(sweep)]
   assert main(["run", "4", "train.steps=7", "--sweeps_root", str(tmp_path),
                "optimizer.warmup_steps=1", "--", "--backend", "print"]) == 0
+  run_names = lambda lines: [l.split("train.run_dir=")[1].split()[0].rsplit("/", 1)[1]
+                              for l in lines]
   lines = capsys.readouterr().out.strip().splitlines()
-  assert [l.split("train.run_dir=")[1].split()[0].rsplit("/", 1)[1] for l in lines] == names
+  assert run_names(lines) == names
   assert all("train.steps=7" in l and "optimizer.warmup_steps=1" in l
              and f"train.run_dir={tmp_path}/claim4_density/m" in l for l in lines)
   # --missing: the points the record does not hold as finished.
@@ -377,7 +379,7 @@ def test_command_line(tmp_path, capsys):
           "--sweeps_root", str(tmp_path), "optimizer.warmup_steps=1", "--", "--backend", "print"]
   assert main(argv) == 0
   lines = capsys.readouterr().out.strip().splitlines()
-  assert [l.split("train.run_dir=")[1].split()[0].rsplit("/", 1)[1] for l in lines] == names[2:]
+  assert run_names(lines) == names[2:]
   recorded(names)
   assert main(argv) == 0
   assert capsys.readouterr().out == ""

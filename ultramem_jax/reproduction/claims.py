@@ -82,10 +82,12 @@ class Claim:
   studies: tuple[Study, ...]
 
 
-def _parity() -> tuple[Part, ...]:
-  return (Part("ultramem_v2", "moe", "parity"),
-          Part("ultramem_v2", "ultramem"), Part("ultramem_v2", "memory_plus"),
-          Part("ultramem", "memory_plus"))
+def _parity(dense: bool = False) -> tuple[Part, ...]:
+  """The paper's order; with the dense reference reported beside it."""
+  parts = (Part("ultramem_v2", "moe", "parity"),
+           Part("ultramem_v2", "ultramem"), Part("ultramem_v2", "memory_plus"),
+           Part("ultramem", "memory_plus"))
+  return parts + ((Part("ultramem_v2", "dense", "parity", verdict=False),) if dense else ())
 
 
 # On an accelerator: batch 256 (8x the CPU's 32) and 3,000 steps, 98.3M
@@ -117,11 +119,9 @@ CLAIMS: tuple[Claim, ...] = (
           "2.853, UltraMem v1 2.885, Memory+ 2.920; the order MoE <= V2 < v1 "
           "< Memory+).",
           (Study("configs/sweeps/claim1_parity.yaml", "tiny", "loss",
-                 _parity() + (Part("ultramem_v2", "dense", "parity", verdict=False),),
-                 at_scale=_scale(3000)),
+                 _parity(dense=True), at_scale=_scale(3000)),
            Study("configs/sweeps/claim1_parity_4x.yaml", "4x", "loss",
-                 _parity() + (Part("ultramem_v2", "dense", "parity", verdict=False),),
-                 at_scale=_scale(3000), note=_DENSE_4X_ADDED),
+                 _parity(dense=True), at_scale=_scale(3000), note=_DENSE_4X_ADDED),
            # Accelerator only (its header: 10-20 GB a point, 1B tokens).
            Study("configs/sweeps/claim1_parity_227m.yaml", "227M", "loss",
                  _parity(), accelerator=True))),
